@@ -1,0 +1,201 @@
+"""A small ONNX graph builder whose weights stream straight into an external-data file.
+
+Nodes are added with ``b.MatMul(x, w)``-style calls that return value names. Weights are written
+to disk the moment they are added (4 KiB aligned, so backends can memory-map them), so exporting
+never holds more than one tensor of the checkpoint in memory.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import ml_dtypes
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+OPSET = 18
+ALIGN = 4096
+
+STORAGE_DTYPES: dict[str, np.dtype] = {
+    "fp32": np.dtype(np.float32),
+    "fp16": np.dtype(np.float16),
+    "bf16": np.dtype(ml_dtypes.bfloat16),
+}
+_ONNX_TYPES = {
+    np.dtype(np.float32): TensorProto.FLOAT,
+    np.dtype(np.float16): TensorProto.FLOAT16,
+    np.dtype(ml_dtypes.bfloat16): TensorProto.BFLOAT16,
+    np.dtype(np.int64): TensorProto.INT64,
+    np.dtype(np.int32): TensorProto.INT32,
+    np.dtype(np.bool_): TensorProto.BOOL,
+}
+
+
+def onnx_type(dtype: np.dtype) -> int:
+    return _ONNX_TYPES[np.dtype(dtype)]
+
+
+class WeightFile:
+    """Appends tensors to one external-data file and describes them as ONNX initializers."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self._f: BinaryIO = open(self.path, "wb")
+        self.offset = 0
+        self.nbytes = 0
+
+    def write(self, name: str, array: np.ndarray) -> TensorProto:
+        return self.write_parts(name, [np.ascontiguousarray(array)], array.shape, array.dtype)
+
+    def write_parts(self, name: str, parts: Iterable[np.ndarray], shape: tuple[int, ...], dtype: np.dtype) -> TensorProto:
+        """Write a tensor as consecutive parts (e.g. one expert at a time) without joining them in memory."""
+        pad = (-self.offset) % ALIGN
+        if pad:
+            self._f.write(b"\0" * pad)
+            self.offset += pad
+        start = self.offset
+        for part in parts:
+            data = np.ascontiguousarray(part, dtype=dtype)
+            self._f.write(data.tobytes())
+            self.offset += data.nbytes
+        length = self.offset - start
+        if length != int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize:
+            raise ValueError(f"{name}: parts do not add up to shape {shape}")
+        tensor = TensorProto()
+        tensor.name = name
+        tensor.data_type = onnx_type(dtype)
+        tensor.dims.extend(shape)
+        tensor.data_location = TensorProto.EXTERNAL
+        for key, value in (("location", self.path.name), ("offset", str(start)), ("length", str(length))):
+            entry = tensor.external_data.add()
+            entry.key, entry.value = key, value
+        self.nbytes += length
+        return tensor
+
+    def close(self) -> None:
+        self._f.close()
+
+
+class GraphBuilder:
+    """Builds one ONNX graph; ``b.OpType(*inputs, **attrs)`` adds a node and returns its output name."""
+
+    def __init__(self, weights: WeightFile | None, storage: str = "fp32"):
+        self.weights = weights
+        self.storage = STORAGE_DTYPES[storage]
+        self.nodes: list[onnx.NodeProto] = []
+        self.initializers: list[TensorProto] = []
+        self.inputs: list[onnx.ValueInfoProto] = []
+        self.outputs: list[onnx.ValueInfoProto] = []
+        self._names: set[str] = set()
+        self._scope: list[str] = []
+        self._counter = 0
+        self._consts: dict[tuple, str] = {}
+        self._fp32_views: dict[str, str] = {}
+        self.on_weight: Callable[[str, np.ndarray], None] | None = None
+
+    # -- naming -------------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def scope(self, name: str) -> Iterator[None]:
+        self._scope.append(name)
+        try:
+            yield
+        finally:
+            self._scope.pop()
+
+    def _fresh(self, hint: str) -> str:
+        self._counter += 1
+        prefix = "/".join(self._scope)
+        return f"{prefix}/{hint}_{self._counter}" if prefix else f"{hint}_{self._counter}"
+
+    # -- nodes --------------------------------------------------------------------------------
+    def op(self, op_type: str, *inputs: str, outputs: int = 1, domain: str = "", **attrs: Any) -> Any:
+        outs = [self._fresh(op_type) for _ in range(outputs)]
+        node = helper.make_node(op_type, list(inputs), outs, name=self._fresh(op_type + "_node"), domain=domain, **attrs)
+        self.nodes.append(node)
+        return outs[0] if outputs == 1 else outs
+
+    def __getattr__(self, op_type: str) -> Callable[..., Any]:
+        if not op_type[:1].isupper():
+            raise AttributeError(op_type)
+        return lambda *inputs, **attrs: self.op(op_type, *inputs, **attrs)
+
+    def const(self, value: Any, dtype: Any = None) -> str:
+        """A small constant embedded in the graph (shared between identical uses)."""
+        arr = np.asarray(value, dtype=dtype)
+        if arr.dtype == np.float64:
+            arr = arr.astype(np.float32)
+        key = (arr.dtype.str, arr.shape, arr.tobytes())
+        if key not in self._consts:
+            name = f"const_{len(self._consts)}"
+            self.initializers.append(numpy_helper.from_array(arr, name))
+            self._consts[key] = name
+        return self._consts[key]
+
+    # -- weights ------------------------------------------------------------------------------
+    def weight(self, name: str, array: np.ndarray, keep_fp32: bool = False, cast: bool = True) -> str:
+        """Store a checkpoint tensor (float32 in) in the storage dtype; returns a float32 value name.
+
+        ``keep_fp32`` keeps precision-critical small tensors (norms, router) in float32. Weights stored
+        narrower are followed by a Cast so the graph computes in float32, unless ``cast`` is False
+        (the caller casts after, e.g., a Gather).
+        """
+        return self.weight_stack(name, [lambda: array], tuple(np.shape(array)), keep_fp32, cast)
+
+    def weight_stack(
+        self,
+        name: str,
+        parts: list[Callable[[], np.ndarray]],
+        shape: tuple[int, ...],
+        keep_fp32: bool = False,
+        cast: bool = True,
+    ) -> str:
+        """Like :meth:`weight` for a tensor made of consecutive parts, each produced (and freed) in turn."""
+        if name in self._names:
+            raise ValueError(f"weight {name!r} added twice")
+        self._names.add(name)
+        dtype = np.dtype(np.float32) if keep_fp32 else self.storage
+
+        def stored_parts() -> Iterator[np.ndarray]:
+            for make in parts:
+                part = np.asarray(make(), dtype=np.float32).astype(dtype, copy=False)
+                if self.on_weight:
+                    self.on_weight(name, part)
+                yield part
+
+        if self.weights is None:
+            full = np.concatenate([p.reshape(-1) for p in stored_parts()]).reshape(shape)
+            self.initializers.append(_raw_proto(full, name))
+        else:
+            self.initializers.append(self.weights.write_parts(name, stored_parts(), shape, dtype))
+        if dtype == np.float32 or not cast:
+            return name
+        return self.Cast(name, to=TensorProto.FLOAT)
+
+    # -- graph I/O ----------------------------------------------------------------------------
+    def input(self, name: str, elem_type: int, shape: list[Any]) -> str:
+        self.inputs.append(helper.make_tensor_value_info(name, elem_type, shape))
+        return name
+
+    def output(self, value: str, name: str, elem_type: int, shape: list[Any]) -> None:
+        self.nodes.append(helper.make_node("Identity", [value], [name], name=self._fresh("output")))
+        self.outputs.append(helper.make_tensor_value_info(name, elem_type, shape))
+
+    def model(self, graph_name: str, doc: str = "") -> onnx.ModelProto:
+        graph = helper.make_graph(self.nodes, graph_name, self.inputs, self.outputs, self.initializers)
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="moeport")
+        model.ir_version = 8
+        model.doc_string = doc
+        return model
+
+
+def _raw_proto(arr: np.ndarray, name: str) -> TensorProto:
+    tensor = TensorProto()
+    tensor.name = name
+    tensor.data_type = onnx_type(arr.dtype)
+    tensor.dims.extend(arr.shape)
+    tensor.raw_data = np.ascontiguousarray(arr).tobytes()
+    return tensor

@@ -1,0 +1,107 @@
+"""The artifact manifest: what an exported directory holds and how to check it.
+
+An artifact directory is::
+
+    manifest.json         this file's content (format version, model config, I/O, cache layout, sha256s)
+    model.onnx            the graph (prefill and decode share it)
+    model.onnx.data       weights as ONNX external data, 4 KiB aligned
+    tokenizer.json ...    tokenizer / chat template / generation config, copied when the checkpoint has them
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from moeport.models.config import DeepseekConfig
+
+FORMAT = "moeport-artifact"
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+
+
+class ArtifactError(ValueError):
+    """An artifact directory is missing, from an unknown format version, or damaged."""
+
+
+def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+@dataclass(frozen=True)
+class Artifact:
+    """A loaded manifest plus the directory it describes."""
+
+    directory: Path
+    manifest: dict[str, Any]
+
+    @property
+    def config(self) -> DeepseekConfig:
+        return DeepseekConfig.from_dict(self.manifest["model"]["config"])
+
+    @property
+    def graph_path(self) -> Path:
+        return self.directory / self.manifest["graph"]["file"]
+
+    @property
+    def max_seq_len(self) -> int:
+        return int(self.manifest["max_seq_len"])
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self.manifest["model"]["config"]["vocab_size"])
+
+    @property
+    def cache(self) -> dict[str, Any]:
+        return self.manifest["cache"]
+
+    def file(self, name: str) -> Path | None:
+        """A copied side file (tokenizer.json, generation_config.json, ...) if the artifact has it."""
+        if name in self.manifest.get("files", {}):
+            return self.directory / name
+        return None
+
+    def verify(self) -> None:
+        """Check every file's sha256 against the manifest (raises :class:`ArtifactError`)."""
+        for name, meta in self.manifest["files"].items():
+            path = self.directory / name
+            if not path.is_file():
+                raise ArtifactError(f"{self.directory}: file {name} listed in {MANIFEST} is missing")
+            if path.stat().st_size != meta["size"] or sha256_file(path) != meta["sha256"]:
+                raise ArtifactError(
+                    f"{self.directory}: checksum of {name} does not match {MANIFEST} "
+                    "(the file was modified or damaged; re-export the artifact)"
+                )
+
+
+def read_artifact(directory: str | Path, verify: bool = True) -> Artifact:
+    """Open an artifact directory, refusing unknown formats and (with ``verify``) damaged files."""
+    d = Path(directory)
+    path = d / MANIFEST
+    if not d.is_dir():
+        raise ArtifactError(f"artifact directory not found: {d}")
+    if not path.is_file():
+        raise ArtifactError(f"{d}: not a moeport artifact (no {MANIFEST}); create one with `moeport export`")
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ArtifactError(f"{path}: unreadable manifest ({exc})") from exc
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise ArtifactError(f"{path}: not a moeport artifact manifest")
+    version = manifest.get("format_version")
+    if not isinstance(version, int) or version > FORMAT_VERSION:
+        raise ArtifactError(
+            f"{path}: artifact format version {version} is newer than this moeport supports "
+            f"({FORMAT_VERSION}); upgrade moeport or re-export with this version"
+        )
+    artifact = Artifact(d, manifest)
+    if verify:
+        artifact.verify()
+    return artifact

@@ -1,0 +1,359 @@
+"""DeepSeek-V2/V3 written once against the exporter's graph builder.
+
+One graph serves prefill and decode: it takes ``input_ids``/``position_ids`` for the new tokens, an
+``attention_mask`` over past + new positions, and one latent cache per layer
+(``past_latent.{i}``: ``[batch, past, kv_lora_rank + qk_rope_head_dim]``), and returns ``logits`` for
+every new position plus ``present_latent.{i}`` (past with the new tokens appended).
+
+Attention is MLA in its "absorbed" form: ``kv_b_proj`` is split per head into the key part, folded
+into the query (``q_nope @ W_uk``), and the value part, applied after attending over the latent
+(``(probs @ latent) @ W_uv^T``). Keys and values are never expanded to full heads, so the cache is
+only the latent. The rotary part uses DeepSeek's interleaved pair layout (or rotate-half when
+``rope_interleave`` is false); both are the same formula on a different split of the dimensions.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+import numpy as np
+from onnx import TensorProto
+
+from .config import DeepseekConfig
+
+if TYPE_CHECKING:  # the builder lives in the exporter; models only describe the computation
+    from moeport.exporter.graph import GraphBuilder
+
+Reader = Callable[[str], np.ndarray]
+
+CACHE_INPUT = "past_latent.{}"
+CACHE_OUTPUT = "present_latent.{}"
+
+
+# --------------------------------------------------------------------------------------------------
+# weight names
+
+
+def expected_tensors(cfg: DeepseekConfig) -> dict[str, tuple[int, ...]]:
+    """Every checkpoint tensor the model reads, with its shape (Hugging Face names)."""
+    h, nh = cfg.hidden_size, cfg.num_attention_heads
+    t: dict[str, tuple[int, ...]] = {
+        "model.embed_tokens.weight": (cfg.vocab_size, h),
+        "model.norm.weight": (h,),
+    }
+    if not cfg.tie_word_embeddings:
+        t["lm_head.weight"] = (cfg.vocab_size, h)
+    for i in range(cfg.num_hidden_layers):
+        p = f"model.layers.{i}."
+        t[p + "input_layernorm.weight"] = (h,)
+        t[p + "post_attention_layernorm.weight"] = (h,)
+        a = p + "self_attn."
+        if cfg.q_lora_rank is not None:
+            t[a + "q_a_proj.weight"] = (cfg.q_lora_rank, h)
+            t[a + "q_a_layernorm.weight"] = (cfg.q_lora_rank,)
+            t[a + "q_b_proj.weight"] = (nh * cfg.qk_head_dim, cfg.q_lora_rank)
+        else:
+            t[a + "q_proj.weight"] = (nh * cfg.qk_head_dim, h)
+        t[a + "kv_a_proj_with_mqa.weight"] = (cfg.latent_dim, h)
+        t[a + "kv_a_layernorm.weight"] = (cfg.kv_lora_rank,)
+        t[a + "kv_b_proj.weight"] = (nh * (cfg.qk_nope_head_dim + cfg.v_head_dim), cfg.kv_lora_rank)
+        t[a + "o_proj.weight"] = (h, nh * cfg.v_head_dim)
+        m = p + "mlp."
+        if cfg.is_moe_layer(i):
+            t[m + "gate.weight"] = (cfg.n_routed_experts, h)
+            if cfg.model_type == "deepseek_v3":
+                t[m + "gate.e_score_correction_bias"] = (cfg.n_routed_experts,)
+            inter = cfg.moe_intermediate_size
+            for e in range(cfg.n_routed_experts):
+                _mlp_names(t, f"{m}experts.{e}.", h, inter)
+            if cfg.n_shared_experts:
+                _mlp_names(t, m + "shared_experts.", h, inter * cfg.n_shared_experts)
+        else:
+            _mlp_names(t, m, h, cfg.intermediate_size)
+    return t
+
+
+def _mlp_names(t: dict[str, tuple[int, ...]], prefix: str, hidden: int, inter: int) -> None:
+    t[prefix + "gate_proj.weight"] = (inter, hidden)
+    t[prefix + "up_proj.weight"] = (inter, hidden)
+    t[prefix + "down_proj.weight"] = (hidden, inter)
+
+
+# --------------------------------------------------------------------------------------------------
+# rotary embedding (float32, mirroring transformers' computation so results agree bit for bit)
+
+
+def rope_inv_freq(cfg: DeepseekConfig) -> tuple[np.ndarray, float]:
+    """Inverse frequencies for the rope dims and the factor applied to cos/sin (YaRN's mscale)."""
+    dim, rope = cfg.qk_rope_head_dim, cfg.rope
+    base = np.float32(rope.theta)
+    pos_freqs = (base ** (np.arange(0, dim, 2, dtype=np.float32) / np.float32(dim))).astype(np.float32)
+    if rope.rope_type == "default":
+        return (np.float32(1.0) / pos_freqs).astype(np.float32), 1.0
+    factor = rope.factor
+    attention_factor = rope.attention_factor
+    if attention_factor is None:
+        if rope.mscale and rope.mscale_all_dim:
+            attention_factor = _mscale(factor, rope.mscale) / _mscale(factor, rope.mscale_all_dim)
+        else:
+            attention_factor = _mscale(factor)
+    beta_fast, beta_slow = rope.beta_fast or 32, rope.beta_slow or 1
+    orig = rope.original_max_position_embeddings
+
+    def correction_dim(rotations: float) -> float:
+        return (dim * math.log(orig / (rotations * 2 * math.pi))) / (2 * math.log(rope.theta))
+
+    low, high = correction_dim(beta_fast), correction_dim(beta_slow)
+    if rope.truncate:
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
+    if low == high:
+        high += 0.001
+    ramp = np.clip((np.arange(dim // 2, dtype=np.float32) - np.float32(low)) / np.float32(high - low), 0, 1)
+    extrapolation_factor = (np.float32(1) - ramp).astype(np.float32)
+    inv_extra = (np.float32(1.0) / pos_freqs).astype(np.float32)
+    inv_inter = (np.float32(1.0) / (np.float32(factor) * pos_freqs)).astype(np.float32)
+    inv = inv_inter * (np.float32(1) - extrapolation_factor) + inv_extra * extrapolation_factor
+    return inv.astype(np.float32), float(attention_factor)
+
+
+def _mscale(scale: float, mscale: float = 1.0) -> float:
+    return 1.0 if scale <= 1 else 0.1 * mscale * math.log(scale) + 1.0
+
+
+# --------------------------------------------------------------------------------------------------
+# the graph
+
+
+class DeepseekGraph:
+    """Emits the DeepSeek forward pass into a :class:`GraphBuilder`, reading weights as it goes."""
+
+    def __init__(self, cfg: DeepseekConfig, b: GraphBuilder, read: Reader, on_tensor: Callable[[], None] | None = None):
+        self.cfg, self.b, self._read = cfg, b, read
+        self._tick = on_tensor or (lambda: None)
+
+    def read(self, name: str) -> np.ndarray:
+        arr = self._read(name)
+        self._tick()
+        return arr
+
+    # -- building blocks ----------------------------------------------------------------------
+    def weight(self, name: str, keep_fp32: bool = False, transform=None, cast: bool = True) -> str:
+        arr = self.read(name)
+        return self.b.weight(name, transform(arr) if transform else arr, keep_fp32=keep_fp32, cast=cast)
+
+    def linear(self, x: str, name: str) -> str:
+        """``x @ W^T`` with W in the checkpoint's [out, in] layout; x is 2-D [tokens, in]."""
+        return self.b.Gemm(x, self.weight(name), transB=1)
+
+    def rms_norm(self, x: str, name: str) -> str:
+        b = self.b
+        w = self.weight(name, keep_fp32=True)
+        var = b.ReduceMean(b.Mul(x, x), b.const([-1], np.int64), keepdims=1)
+        inv = b.Reciprocal(b.Sqrt(b.Add(var, b.const(self.cfg.rms_norm_eps, np.float32))))
+        return b.Mul(w, b.Mul(x, inv))
+
+    def silu(self, x: str) -> str:
+        return self.b.Mul(x, self.b.Sigmoid(x))
+
+    def mlp(self, x: str, prefix: str) -> str:
+        b = self.b
+        gate = self.linear(x, prefix + "gate_proj.weight")
+        up = self.linear(x, prefix + "up_proj.weight")
+        return self.linear(b.Mul(self.silu(gate), up), prefix + "down_proj.weight")
+
+    def rope(self, x: str, cos: str, sin: str) -> str:
+        """Rotate pairs of the last dim: (x[2i], x[2i+1]) if interleaved, else (x[i], x[i + d/2])."""
+        b, d = self.b, self.cfg.qk_rope_head_dim
+        axes = b.const([-1], np.int64)
+        if self.cfg.rope_interleave:
+            step = b.const([2], np.int64)
+            x1 = b.Slice(x, b.const([0], np.int64), b.const([d], np.int64), axes, step)
+            x2 = b.Slice(x, b.const([1], np.int64), b.const([d], np.int64), axes, step)
+        else:
+            x1 = b.Slice(x, b.const([0], np.int64), b.const([d // 2], np.int64), axes)
+            x2 = b.Slice(x, b.const([d // 2], np.int64), b.const([d], np.int64), axes)
+        return b.Concat(b.Sub(b.Mul(x1, cos), b.Mul(x2, sin)), b.Add(b.Mul(x2, cos), b.Mul(x1, sin)), axis=-1)
+
+    # -- attention ----------------------------------------------------------------------------
+    def attention(self, x: str, layer: int, ctx: dict[str, str]) -> str:
+        cfg, b = self.cfg, self.b
+        a = f"model.layers.{layer}.self_attn."
+        nh, nope, r, v, kvl = (cfg.num_attention_heads, cfg.qk_nope_head_dim, cfg.qk_rope_head_dim,
+                               cfg.v_head_dim, cfg.kv_lora_rank)
+        i64 = np.int64
+        if cfg.q_lora_rank is not None:
+            q = self.linear(self.rms_norm(self.linear(x, a + "q_a_proj.weight"), a + "q_a_layernorm.weight"),
+                            a + "q_b_proj.weight")
+        else:
+            q = self.linear(x, a + "q_proj.weight")
+        q = b.Transpose(b.Reshape(q, b.Concat(ctx["bs"], b.const([nh, cfg.qk_head_dim], i64), axis=0)),
+                        perm=[0, 2, 1, 3])  # [B, nh, S, dq]
+        q_nope, q_rot = b.Split(q, b.const([nope, r], i64), axis=-1, outputs=2)
+        q_rot = self.rope(q_rot, ctx["cos4"], ctx["sin4"])
+
+        ckv = self.linear(x, a + "kv_a_proj_with_mqa.weight")  # [N, kvl + r]
+        c, k_rot = b.Split(ckv, b.const([kvl, r], i64), axis=-1, outputs=2)
+        c = self.rms_norm(c, a + "kv_a_layernorm.weight")
+        c = b.Reshape(c, b.Concat(ctx["bs"], b.const([kvl], i64), axis=0))
+        k_rot = self.rope(b.Reshape(k_rot, b.Concat(ctx["bs"], b.const([r], i64), axis=0)), ctx["cos"], ctx["sin"])
+        new_latent = b.Concat(c, k_rot, axis=-1)  # [B, S, kvl + r]
+        present = b.Concat(CACHE_INPUT.format(layer), new_latent, axis=1)  # [B, T, kvl + r]
+        b.output(present, CACHE_OUTPUT.format(layer), TensorProto.FLOAT, ["batch", "total", cfg.latent_dim])
+
+        axis2 = b.const([2], i64)
+        latent = b.Slice(present, b.const([0], i64), b.const([kvl], i64), axis2)  # [B, T, kvl]
+        k_pe = b.Slice(present, b.const([kvl], i64), b.const([kvl + r], i64), axis2)  # [B, T, r]
+
+        # kv_b_proj [nh*(nope+v), kvl] -> per head key part W_uk [nh, nope, kvl], value part W_uv^T [nh, kvl, v]
+        kv_b = self.read(a + "kv_b_proj.weight").reshape(nh, nope + v, kvl)
+        w_uk = b.weight(a + "kv_b_proj.weight:k", kv_b[:, :nope, :])
+        w_uv_t = b.weight(a + "kv_b_proj.weight:v", kv_b[:, nope:, :].transpose(0, 2, 1))
+        del kv_b
+
+        q_lat = b.MatMul(q_nope, w_uk)  # [B, nh, S, kvl]
+        one = b.const([1], i64)
+        scores = b.Add(
+            b.MatMul(q_lat, b.Unsqueeze(b.Transpose(latent, perm=[0, 2, 1]), one)),
+            b.MatMul(q_rot, b.Unsqueeze(b.Transpose(k_pe, perm=[0, 2, 1]), one)),
+        )  # [B, nh, S, T]
+        scores = b.Mul(scores, b.const(cfg.softmax_scale(), np.float32))
+        scores = b.Where(ctx["allowed"], scores, b.const(np.finfo(np.float32).min, np.float32))
+        probs = b.Softmax(scores, axis=-1)
+        out = b.MatMul(b.MatMul(probs, b.Unsqueeze(latent, one)), w_uv_t)  # [B, nh, S, v]
+        out = b.Reshape(b.Transpose(out, perm=[0, 2, 1, 3]), b.const([-1, nh * v], i64))
+        return self.linear(out, a + "o_proj.weight")
+
+    # -- mixture of experts -------------------------------------------------------------------
+    def route(self, x: str, m: str) -> tuple[str, str, str]:
+        """(expert indices [N, k] int64, routing weights [N, k] float32, router logits [N, E]) as transformers."""
+        cfg, b = self.cfg, self.b
+        i64 = np.int64
+        e, g, k = cfg.n_routed_experts, cfg.n_group, cfg.num_experts_per_tok
+        logits = b.Gemm(x, self.weight(m + "gate.weight", keep_fp32=True), transB=1)  # [N, E]
+        if cfg.scoring_func == "sigmoid":
+            scores = b.Sigmoid(logits)
+            choice = b.Add(scores, self.weight(m + "gate.e_score_correction_bias", keep_fp32=True))
+            grouped = b.Reshape(choice, b.const([-1, g, e // g], i64))
+            top2 = b.TopK(grouped, b.const([min(2, e // g)], i64), axis=-1, outputs=2)[0]
+            group_scores = b.ReduceSum(top2, b.const([-1], i64), keepdims=0)
+            choice = b.Where(self._group_mask(group_scores, grouped), choice, b.const(-np.inf, np.float32))
+            idx = b.TopK(choice, b.const([k], i64), axis=-1, outputs=2)[1]
+            weights = b.GatherElements(scores, idx, axis=1)
+            if cfg.norm_topk_prob:
+                denom = b.Add(b.ReduceSum(weights, b.const([-1], i64), keepdims=1), b.const(1e-20, np.float32))
+                weights = b.Div(weights, denom)
+        else:
+            scores = b.Softmax(logits, axis=-1)
+            if cfg.topk_method == "group_limited_greedy":
+                grouped = b.Reshape(scores, b.const([-1, g, e // g], i64))
+                group_scores = b.ReduceMax(grouped, b.const([-1], i64), keepdims=0)
+                scores = b.Where(self._group_mask(group_scores, grouped), scores, b.const(0.0, np.float32))
+            weights, idx = b.TopK(scores, b.const([k], i64), axis=-1, outputs=2)
+        weights = b.Mul(weights, b.const(cfg.routed_scaling_factor, np.float32))
+        return idx, weights, logits
+
+    def _group_mask(self, group_scores: str, grouped: str) -> str:
+        """Bool [N, E]: experts whose group is among the topk_group best groups."""
+        b, cfg = self.b, self.cfg
+        i64 = np.int64
+        group_idx = b.TopK(group_scores, b.const([cfg.topk_group], i64), axis=-1, outputs=2)[1]
+        ones = b.ConstantOfShape(b.Shape(group_idx), value=_tensor_1(1.0))
+        zeros = b.ConstantOfShape(b.Shape(group_scores), value=_tensor_1(0.0))
+        group_mask = b.ScatterElements(zeros, group_idx, ones, axis=1)  # [N, G]
+        expert_mask = b.Expand(b.Unsqueeze(group_mask, b.const([2], i64)), b.Shape(grouped))
+        return b.Cast(b.Reshape(expert_mask, b.const([-1, cfg.n_routed_experts], i64)), to=TensorProto.BOOL)
+
+    def moe(self, x: str, layer: int) -> str:
+        """Reference (dense) DeepSeekMoE: every expert computed, weighted by a sparse routing matrix."""
+        cfg, b = self.cfg, self.b
+        i64 = np.int64
+        m = f"model.layers.{layer}.mlp."
+        idx, weights, logits = self.route(x, m)
+        zeros = b.ConstantOfShape(b.Shape(logits), value=_tensor_1(0.0))
+        route = b.ScatterElements(zeros, idx, weights, axis=1)  # [N, E]
+        e, h, inter = cfg.n_routed_experts, cfg.hidden_size, cfg.moe_intermediate_size
+
+        def stacked(proj: str, shape: tuple[int, int]) -> str:
+            """Experts' [out, in] weights stacked and transposed to [E, in, out], one expert at a time."""
+            parts = [lambda j=j: self.read(f"{m}experts.{j}.{proj}.weight").T for j in range(e)]
+            return b.weight_stack(f"{m}experts.{proj}.weight", parts, (e, *shape))
+
+        w_gate, w_up, w_down = stacked("gate_proj", (h, inter)), stacked("up_proj", (h, inter)), \
+            stacked("down_proj", (inter, h))
+        xe = b.Unsqueeze(x, b.const([0], i64))  # [1, N, H]
+        act = b.Mul(self.silu(b.MatMul(xe, w_gate)), b.MatMul(xe, w_up))  # [E, N, I]
+        y = b.MatMul(act, w_down)  # [E, N, H]
+        route_t = b.Unsqueeze(b.Transpose(route, perm=[1, 0]), b.const([2], i64))  # [E, N, 1]
+        out = b.ReduceSum(b.Mul(y, route_t), b.const([0], i64), keepdims=0)
+        if cfg.n_shared_experts:
+            out = b.Add(out, self.mlp(x, m + "shared_experts."))
+        return out
+
+    # -- whole model --------------------------------------------------------------------------
+    def build(self) -> None:
+        cfg, b = self.cfg, self.b
+        i64 = np.int64
+        fp = TensorProto.FLOAT
+        b.input("input_ids", TensorProto.INT64, ["batch", "seq"])
+        b.input("position_ids", TensorProto.INT64, ["batch", "seq"])
+        b.input("attention_mask", TensorProto.INT64, ["batch", "total"])
+        for i in range(cfg.num_hidden_layers):
+            b.input(CACHE_INPUT.format(i), fp, ["batch", "past", cfg.latent_dim])
+
+        ctx = self._context()
+        embed = self.weight("model.embed_tokens.weight", cast=False)
+        x = b.Gather(embed, "input_ids", axis=0)  # [B, S, H]
+        if b.storage != np.float32:
+            x = b.Cast(x, to=fp)
+        x = b.Reshape(x, b.const([-1, cfg.hidden_size], i64))  # [N, H]
+
+        for i in range(cfg.num_hidden_layers):
+            with b.scope(f"layer{i}"):
+                p = f"model.layers.{i}."
+                x = b.Add(x, self.attention(self.rms_norm(x, p + "input_layernorm.weight"), i, ctx))
+                h = self.rms_norm(x, p + "post_attention_layernorm.weight")
+                x = b.Add(x, self.moe(h, i) if cfg.is_moe_layer(i) else self.mlp(h, p + "mlp."))
+
+        x = self.rms_norm(x, "model.norm.weight")
+        if cfg.tie_word_embeddings:
+            head = embed if b.storage == np.float32 else b.Cast(embed, to=fp)
+        else:
+            head = self.weight("lm_head.weight")
+        logits = b.Gemm(x, head, transB=1)
+        logits = b.Reshape(logits, b.Concat(ctx["bs"], b.const([cfg.vocab_size], i64), axis=0))
+        b.output(logits, "logits", fp, ["batch", "seq", cfg.vocab_size])
+        b.outputs.sort(key=lambda v: v.name != "logits")  # logits first, then the caches in layer order
+
+    def _context(self) -> dict[str, str]:
+        """Values shared by every layer: shapes, rotary cos/sin, the attention mask."""
+        b, cfg = self.b, self.cfg
+        i64 = np.int64
+        bs = b.Shape("input_ids")  # [B, S]
+        inv_freq, attention_factor = rope_inv_freq(cfg)
+        pos = b.Unsqueeze(b.Cast("position_ids", to=TensorProto.FLOAT), b.const([-1], i64))  # [B, S, 1]
+        freqs = b.Mul(pos, b.const(inv_freq))  # [B, S, r/2]
+        cos, sin = b.Cos(freqs), b.Sin(freqs)
+        if attention_factor != 1.0:
+            af = b.const(attention_factor, np.float32)
+            cos, sin = b.Mul(cos, af), b.Mul(sin, af)
+        one = b.const([1], i64)
+
+        total = b.Gather(b.Shape("attention_mask"), b.const(1, i64), axis=0)
+        seq = b.Gather(bs, b.const(1, i64), axis=0)
+        past = b.Sub(total, seq)
+        k_idx = b.Range(b.const(0, i64), total, b.const(1, i64))
+        q_idx = b.Range(past, total, b.const(1, i64))
+        causal = b.LessOrEqual(b.Unsqueeze(k_idx, b.const([0], i64)), b.Unsqueeze(q_idx, one))  # [S, T]
+        keep = b.Cast(b.Unsqueeze("attention_mask", b.const([1, 2], i64)), to=TensorProto.BOOL)  # [B, 1, 1, T]
+        allowed = b.And(causal, keep)  # [B, 1, S, T]
+        return dict(bs=bs, cos=cos, sin=sin, cos4=b.Unsqueeze(cos, one), sin4=b.Unsqueeze(sin, one),
+                    allowed=allowed)
+
+
+def _tensor_1(value: float):
+    from onnx import helper
+
+    return helper.make_tensor("value", TensorProto.FLOAT, [1], [value])
