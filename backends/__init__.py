@@ -2,4 +2,13 @@
 
 from .base import API_VERSION, Availability, Backend, BackendError, Program, best_backend, discover, get_backend
 
-__all__ = ["API_VERSION", "Availability", "Backend", "BackendError", "Program", "best_backend", "discover", "get_backend"]
+__all__ = [
+    "API_VERSION",
+    "Availability",
+    "Backend",
+    "BackendError",
+    "Program",
+    "best_backend",
+    "discover",
+    "get_backend",
+]

@@ -14,7 +14,6 @@ from importlib import metadata
 from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
-
 from moeport.exporter.manifest import Artifact
 
 log = logging.getLogger("moeport.backends")
@@ -90,8 +89,12 @@ def _load_entry(name: str, target: str, loader) -> BackendEntry:
         cls = loader()
         backend = cls() if isinstance(cls, type) else cls
         if getattr(backend, "api_version", None) != API_VERSION:
-            return BackendEntry(name, target, None, f"plugin speaks backend API {getattr(backend, 'api_version', None)}, "
-                                                    f"moeport needs {API_VERSION}")
+            return BackendEntry(
+                name,
+                target,
+                None,
+                f"plugin speaks backend API {getattr(backend, 'api_version', None)}, moeport needs {API_VERSION}",
+            )
         return BackendEntry(name, target, backend)
     except Exception as exc:
         return BackendEntry(name, target, None, f"failed to load plugin {target}: {exc!r}")

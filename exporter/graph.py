@@ -51,7 +51,9 @@ class WeightFile:
     def write(self, name: str, array: np.ndarray) -> TensorProto:
         return self.write_parts(name, [np.ascontiguousarray(array)], array.shape, array.dtype)
 
-    def write_parts(self, name: str, parts: Iterable[np.ndarray], shape: tuple[int, ...], dtype: np.dtype) -> TensorProto:
+    def write_parts(
+        self, name: str, parts: Iterable[np.ndarray], shape: tuple[int, ...], dtype: np.dtype
+    ) -> TensorProto:
         """Write a tensor as consecutive parts (e.g. one expert at a time) without joining them in memory."""
         pad = (-self.offset) % ALIGN
         if pad:
@@ -114,7 +116,9 @@ class GraphBuilder:
     # -- nodes --------------------------------------------------------------------------------
     def op(self, op_type: str, *inputs: str, outputs: int = 1, domain: str = "", **attrs: Any) -> Any:
         outs = [self._fresh(op_type) for _ in range(outputs)]
-        node = helper.make_node(op_type, list(inputs), outs, name=self._fresh(op_type + "_node"), domain=domain, **attrs)
+        node = helper.make_node(
+            op_type, list(inputs), outs, name=self._fresh(op_type + "_node"), domain=domain, **attrs
+        )
         self.nodes.append(node)
         return outs[0] if outputs == 1 else outs
 

@@ -60,7 +60,9 @@ class Checkpoint:
         for file in files:
             for info in _read_header(file):
                 if info.name in self.tensors:
-                    raise CheckpointError(f"{file.name}: tensor {info.name!r} also in {self.tensors[info.name].file.name}")
+                    raise CheckpointError(
+                        f"{file.name}: tensor {info.name!r} also in {self.tensors[info.name].file.name}"
+                    )
                 self.tensors[info.name] = info
         self.files = files
 

@@ -27,22 +27,66 @@ class ConfigError(ValueError):
 # transformers' defaults per model_type (DeepseekV3Config / DeepseekV2Config, transformers 5).
 _DEFAULTS: dict[str, dict[str, Any]] = {
     "deepseek_v3": dict(
-        vocab_size=129280, hidden_size=7168, intermediate_size=18432, moe_intermediate_size=2048,
-        num_hidden_layers=61, num_attention_heads=128, n_shared_experts=1, n_routed_experts=256,
-        routed_scaling_factor=2.5, kv_lora_rank=512, q_lora_rank=1536, qk_rope_head_dim=64,
-        v_head_dim=128, qk_nope_head_dim=128, n_group=8, topk_group=4, num_experts_per_tok=8,
-        first_k_dense_replace=3, norm_topk_prob=True, hidden_act="silu", max_position_embeddings=4096,
-        rms_norm_eps=1e-6, bos_token_id=0, eos_token_id=1, tie_word_embeddings=False,
-        rope_interleave=True, attention_bias=False, scoring_func="sigmoid", topk_method="noaux_tc",
+        vocab_size=129280,
+        hidden_size=7168,
+        intermediate_size=18432,
+        moe_intermediate_size=2048,
+        num_hidden_layers=61,
+        num_attention_heads=128,
+        n_shared_experts=1,
+        n_routed_experts=256,
+        routed_scaling_factor=2.5,
+        kv_lora_rank=512,
+        q_lora_rank=1536,
+        qk_rope_head_dim=64,
+        v_head_dim=128,
+        qk_nope_head_dim=128,
+        n_group=8,
+        topk_group=4,
+        num_experts_per_tok=8,
+        first_k_dense_replace=3,
+        norm_topk_prob=True,
+        hidden_act="silu",
+        max_position_embeddings=4096,
+        rms_norm_eps=1e-6,
+        bos_token_id=0,
+        eos_token_id=1,
+        tie_word_embeddings=False,
+        rope_interleave=True,
+        attention_bias=False,
+        scoring_func="sigmoid",
+        topk_method="noaux_tc",
     ),
     "deepseek_v2": dict(
-        vocab_size=102400, hidden_size=4096, intermediate_size=11008, moe_intermediate_size=1407,
-        num_hidden_layers=32, num_attention_heads=32, n_shared_experts=2, n_routed_experts=64,
-        routed_scaling_factor=1.0, kv_lora_rank=512, q_lora_rank=1536, qk_rope_head_dim=64,
-        v_head_dim=128, qk_nope_head_dim=128, n_group=None, topk_group=None, num_experts_per_tok=None,
-        first_k_dense_replace=0, norm_topk_prob=False, hidden_act="silu", max_position_embeddings=2048,
-        rms_norm_eps=1e-6, bos_token_id=1, eos_token_id=2, tie_word_embeddings=False,
-        rope_interleave=True, attention_bias=False, scoring_func="softmax", topk_method="greedy",
+        vocab_size=102400,
+        hidden_size=4096,
+        intermediate_size=11008,
+        moe_intermediate_size=1407,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        n_shared_experts=2,
+        n_routed_experts=64,
+        routed_scaling_factor=1.0,
+        kv_lora_rank=512,
+        q_lora_rank=1536,
+        qk_rope_head_dim=64,
+        v_head_dim=128,
+        qk_nope_head_dim=128,
+        n_group=None,
+        topk_group=None,
+        num_experts_per_tok=None,
+        first_k_dense_replace=0,
+        norm_topk_prob=False,
+        hidden_act="silu",
+        max_position_embeddings=2048,
+        rms_norm_eps=1e-6,
+        bos_token_id=1,
+        eos_token_id=2,
+        tie_word_embeddings=False,
+        rope_interleave=True,
+        attention_bias=False,
+        scoring_func="softmax",
+        topk_method="greedy",
     ),
 }
 
@@ -114,7 +158,7 @@ class DeepseekConfig:
 
     def softmax_scale(self) -> float:
         """1/sqrt(qk_head_dim), times mscale(factor, mscale_all_dim)^2 under YaRN (as transformers does)."""
-        scale = self.qk_head_dim ** -0.5
+        scale = self.qk_head_dim**-0.5
         if self.rope.rope_type != "default" and self.rope.mscale_all_dim:
             m = yarn_mscale(self.rope.factor or 1.0, self.rope.mscale_all_dim)
             scale *= m * m
@@ -254,11 +298,17 @@ def parse_config(raw: dict[str, Any], source: str = "config.json") -> DeepseekCo
 
 
 def _parse_rope(raw: dict[str, Any], cfg: dict[str, Any], source: str) -> RopeConfig:
-    params = raw.get("rope_parameters") or raw.get("rope_scaling") or {}
+    # as in transformers, a legacy rope_scaling wins over rope_parameters when both are present
+    params = raw.get("rope_scaling") or raw.get("rope_parameters") or {}
     if not isinstance(params, dict):
         raise ConfigError(f"{source}: rope_parameters/rope_scaling must be an object")
     rope_type = params.get("rope_type") or params.get("type") or "default"
-    theta = float(params.get("rope_theta") or raw.get("rope_theta") or 10000.0)
+    theta = float(
+        params.get("rope_theta")
+        or raw.get("rope_theta")
+        or (raw.get("rope_parameters") or {}).get("rope_theta")
+        or 10000.0
+    )
     if rope_type == "default":
         return RopeConfig(theta=theta)
     if rope_type != "yarn":

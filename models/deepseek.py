@@ -181,16 +181,23 @@ class DeepseekGraph:
     def attention(self, x: str, layer: int, ctx: dict[str, str]) -> str:
         cfg, b = self.cfg, self.b
         a = f"model.layers.{layer}.self_attn."
-        nh, nope, r, v, kvl = (cfg.num_attention_heads, cfg.qk_nope_head_dim, cfg.qk_rope_head_dim,
-                               cfg.v_head_dim, cfg.kv_lora_rank)
+        nh, nope, r, v, kvl = (
+            cfg.num_attention_heads,
+            cfg.qk_nope_head_dim,
+            cfg.qk_rope_head_dim,
+            cfg.v_head_dim,
+            cfg.kv_lora_rank,
+        )
         i64 = np.int64
         if cfg.q_lora_rank is not None:
-            q = self.linear(self.rms_norm(self.linear(x, a + "q_a_proj.weight"), a + "q_a_layernorm.weight"),
-                            a + "q_b_proj.weight")
+            q = self.linear(
+                self.rms_norm(self.linear(x, a + "q_a_proj.weight"), a + "q_a_layernorm.weight"), a + "q_b_proj.weight"
+            )
         else:
             q = self.linear(x, a + "q_proj.weight")
-        q = b.Transpose(b.Reshape(q, b.Concat(ctx["bs"], b.const([nh, cfg.qk_head_dim], i64), axis=0)),
-                        perm=[0, 2, 1, 3])  # [B, nh, S, dq]
+        q = b.Transpose(
+            b.Reshape(q, b.Concat(ctx["bs"], b.const([nh, cfg.qk_head_dim], i64), axis=0)), perm=[0, 2, 1, 3]
+        )  # [B, nh, S, dq]
         q_nope, q_rot = b.Split(q, b.const([nope, r], i64), axis=-1, outputs=2)
         q_rot = self.rope(q_rot, ctx["cos4"], ctx["sin4"])
 
@@ -281,8 +288,11 @@ class DeepseekGraph:
             parts = [lambda j=j: self.read(f"{m}experts.{j}.{proj}.weight").T for j in range(e)]
             return b.weight_stack(f"{m}experts.{proj}.weight", parts, (e, *shape))
 
-        w_gate, w_up, w_down = stacked("gate_proj", (h, inter)), stacked("up_proj", (h, inter)), \
-            stacked("down_proj", (inter, h))
+        w_gate, w_up, w_down = (
+            stacked("gate_proj", (h, inter)),
+            stacked("up_proj", (h, inter)),
+            stacked("down_proj", (inter, h)),
+        )
         xe = b.Unsqueeze(x, b.const([0], i64))  # [1, N, H]
         act = b.Mul(self.silu(b.MatMul(xe, w_gate)), b.MatMul(xe, w_up))  # [E, N, I]
         y = b.MatMul(act, w_down)  # [E, N, H]
@@ -349,8 +359,7 @@ class DeepseekGraph:
         causal = b.LessOrEqual(b.Unsqueeze(k_idx, b.const([0], i64)), b.Unsqueeze(q_idx, one))  # [S, T]
         keep = b.Cast(b.Unsqueeze("attention_mask", b.const([1, 2], i64)), to=TensorProto.BOOL)  # [B, 1, 1, T]
         allowed = b.And(causal, keep)  # [B, 1, S, T]
-        return dict(bs=bs, cos=cos, sin=sin, cos4=b.Unsqueeze(cos, one), sin4=b.Unsqueeze(sin, one),
-                    allowed=allowed)
+        return dict(bs=bs, cos=cos, sin=sin, cos4=b.Unsqueeze(cos, one), sin4=b.Unsqueeze(sin, one), allowed=allowed)
 
 
 def _tensor_1(value: float):

@@ -10,7 +10,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-
 from moeport.backends.base import Backend, Program, best_backend, get_backend
 from moeport.exporter.manifest import Artifact, read_artifact
 
@@ -174,9 +173,7 @@ class Session:
         """Append one token; returns its logits ([vocab] float32)."""
         return self.prefill([token_id])
 
-    def generate_iter(
-        self, prompt_ids: Sequence[int], max_new_tokens: int, stop_at_eos: bool = True
-    ) -> Iterator[int]:
+    def generate_iter(self, prompt_ids: Sequence[int], max_new_tokens: int, stop_at_eos: bool = True) -> Iterator[int]:
         """Greedy decoding: yields new token ids one at a time."""
         if max_new_tokens < 0:
             raise GenerationError("max_new_tokens must be >= 0")

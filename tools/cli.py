@@ -10,14 +10,14 @@ import time
 from pathlib import Path
 
 import click
-
-from moeport import __version__
 from moeport.backends.base import BackendError, best_backend, discover
 from moeport.exporter.export import WEIGHT_CHOICES, ExportError, export
 from moeport.exporter.manifest import ArtifactError, read_artifact
 from moeport.models.checkpoint import CheckpointError
 from moeport.models.config import ConfigError
 from moeport.runtime.model import GenerationError, load
+
+from moeport import __version__
 
 USER_ERRORS = (ConfigError, CheckpointError, ExportError, ArtifactError, BackendError, GenerationError)
 
@@ -57,22 +57,40 @@ def _progress(desc: str):
 @main.command("export")
 @click.argument("checkpoint_dir", type=click.Path(path_type=Path))
 @click.argument("output_dir", type=click.Path(path_type=Path))
-@click.option("--weights", type=click.Choice(WEIGHT_CHOICES), default="fp32", show_default=True,
-              help="Storage dtype of the weights in the artifact (computed in float32 where a backend lacks kernels).")
-@click.option("--max-seq-len", type=click.IntRange(min=1), default=None,
-              help="Longest sequence (prompt + generated) the artifact accepts. Default: max_position_embeddings.")
+@click.option(
+    "--weights",
+    type=click.Choice(WEIGHT_CHOICES),
+    default="fp32",
+    show_default=True,
+    help="Storage dtype of the weights in the artifact (computed in float32 where a backend lacks kernels).",
+)
+@click.option(
+    "--max-seq-len",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Longest sequence (prompt + generated) the artifact accepts. Default: max_position_embeddings.",
+)
 @click.option("--force", is_flag=True, help="Replace OUTPUT_DIR if it exists and is not empty.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
-def export_cmd(checkpoint_dir: Path, output_dir: Path, weights: str, max_seq_len: int | None, force: bool,
-               quiet: bool) -> None:
+def export_cmd(
+    checkpoint_dir: Path, output_dir: Path, weights: str, max_seq_len: int | None, force: bool, quiet: bool
+) -> None:
     """Export a Hugging Face DeepSeek CHECKPOINT_DIR (safetensors, incl. FP8) to an artifact in OUTPUT_DIR."""
     t0 = time.perf_counter()
-    out = export(checkpoint_dir, output_dir, weights=weights, max_seq_len=max_seq_len, force=force,
-                 progress=None if quiet else _progress("exporting"))
+    out = export(
+        checkpoint_dir,
+        output_dir,
+        weights=weights,
+        max_seq_len=max_seq_len,
+        force=force,
+        progress=None if quiet else _progress("exporting"),
+    )
     art = read_artifact(out, verify=False)
     size = sum(f["size"] for f in art.manifest["files"].values())
-    click.echo(f"exported {checkpoint_dir} -> {out} ({size / 1e6:.1f} MB, weights {weights}) "
-               f"in {time.perf_counter() - t0:.1f}s")
+    click.echo(
+        f"exported {checkpoint_dir} -> {out} ({size / 1e6:.1f} MB, weights {weights}) "
+        f"in {time.perf_counter() - t0:.1f}s"
+    )
 
 
 def _parse_ids(text: str) -> list[int]:
@@ -87,23 +105,43 @@ def _parse_ids(text: str) -> list[int]:
 @click.option("--backend", default="cpu", show_default=True, help="Backend name (see `moeport backends`), or 'auto'.")
 @click.option("--prompt", help="Prompt text (needs the artifact's tokenizer.json).")
 @click.option("--prompt-ids", help="Prompt as comma-separated token ids, e.g. 1,2,3.")
-@click.option("--max-new-tokens", type=click.IntRange(min=0), default=32, show_default=True,
-              help="Number of tokens to generate (fewer if EOS comes first).")
-@click.option("--temperature", type=float, default=0.0, show_default=True,
-              help="Sampling temperature; 0 is greedy (the only mode so far).")
+@click.option(
+    "--max-new-tokens",
+    type=click.IntRange(min=0),
+    default=32,
+    show_default=True,
+    help="Number of tokens to generate (fewer if EOS comes first).",
+)
+@click.option(
+    "--temperature",
+    type=float,
+    default=0.0,
+    show_default=True,
+    help="Sampling temperature; 0 is greedy (the only mode so far).",
+)
 @click.option("--ignore-eos", is_flag=True, help="Keep generating past end-of-sequence tokens.")
 @click.option("--threads", type=click.IntRange(min=1), default=None, help="CPU threads (default: all cores).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object: tokens, text, timings.")
-def run_cmd(artifact_dir: Path, backend: str, prompt: str | None, prompt_ids: str | None, max_new_tokens: int,
-            temperature: float, ignore_eos: bool, threads: int | None, as_json: bool) -> None:
+def run_cmd(
+    artifact_dir: Path,
+    backend: str,
+    prompt: str | None,
+    prompt_ids: str | None,
+    max_new_tokens: int,
+    temperature: float,
+    ignore_eos: bool,
+    threads: int | None,
+    as_json: bool,
+) -> None:
     """Generate from ARTIFACT_DIR on a backend."""
     if (prompt is None) == (prompt_ids is None):
         raise click.UsageError("give exactly one of --prompt or --prompt-ids")
     if temperature < 0:
         raise click.BadParameter("must be >= 0", param_hint="--temperature")
     if temperature > 0:
-        raise click.BadParameter("sampling is not implemented yet; use --temperature 0 (greedy)",
-                                 param_hint="--temperature")
+        raise click.BadParameter(
+            "sampling is not implemented yet; use --temperature 0 (greedy)", param_hint="--temperature"
+        )
     t0 = time.perf_counter()
     model = load(artifact_dir, backend=backend, threads=threads)
     load_s = time.perf_counter() - t0
@@ -136,8 +174,11 @@ def run_cmd(artifact_dir: Path, backend: str, prompt: str | None, prompt_ids: st
         click.echo(json.dumps(out))
     else:
         click.echo(text if text is not None else " ".join(map(str, result.tokens)))
-        click.echo(f"[{len(result.tokens)} tokens, prefill {result.prefill_tokens_per_second:.1f} tok/s, "
-                   f"decode {result.decode_tokens_per_second:.1f} tok/s, backend {model.backend_name}]", err=True)
+        click.echo(
+            f"[{len(result.tokens)} tokens, prefill {result.prefill_tokens_per_second:.1f} tok/s, "
+            f"decode {result.decode_tokens_per_second:.1f} tok/s, backend {model.backend_name}]",
+            err=True,
+        )
 
 
 @main.command("backends")
@@ -148,8 +189,15 @@ def backends_cmd(as_json: bool) -> None:
     for name, entry in sorted(discover().items()):
         status = entry.availability()
         desc = getattr(entry.backend, "description", "") if entry.backend else ""
-        rows.append({"name": name, "available": status.available, "reason": status.reason, "description": desc,
-                     "plugin": entry.target})
+        rows.append(
+            {
+                "name": name,
+                "available": status.available,
+                "reason": status.reason,
+                "description": desc,
+                "plugin": entry.target,
+            }
+        )
     if as_json:
         click.echo(json.dumps(rows, indent=2))
         return
@@ -167,13 +215,17 @@ def inspect_cmd(artifact_dir: Path, no_verify: bool) -> None:
     m, cfg = art.manifest, art.config
     total = sum(f["size"] for f in m["files"].values())
     click.echo(f"artifact     {art.directory} (format v{m['format_version']}, {m['producer']})")
-    click.echo(f"model        {cfg.model_type}: {cfg.num_hidden_layers} layers, hidden {cfg.hidden_size}, "
-               f"vocab {cfg.vocab_size}, {cfg.n_routed_experts} routed experts (top {cfg.num_experts_per_tok}), "
-               f"{cfg.n_shared_experts} shared")
+    click.echo(
+        f"model        {cfg.model_type}: {cfg.num_hidden_layers} layers, hidden {cfg.hidden_size}, "
+        f"vocab {cfg.vocab_size}, {cfg.n_routed_experts} routed experts (top {cfg.num_experts_per_tok}), "
+        f"{cfg.n_shared_experts} shared"
+    )
     click.echo(f"weights      {m['weights']['dtype']} ({m['weights']['bytes'] / 1e6:.1f} MB)")
     c = m["cache"]
-    click.echo(f"cache        {c['kind']}: {c['layers']} layers x {c['dim']} ({c['kv_lora_rank']} latent + "
-               f"{c['qk_rope_head_dim']} rope) {c['dtype']} = {c['bytes_per_token']} bytes/token")
+    click.echo(
+        f"cache        {c['kind']}: {c['layers']} layers x {c['dim']} ({c['kv_lora_rank']} latent + "
+        f"{c['qk_rope_head_dim']} rope) {c['dtype']} = {c['bytes_per_token']} bytes/token"
+    )
     click.echo(f"max seq len  {m['max_seq_len']}")
     click.echo(f"files        {total / 1e6:.1f} MB, checksums {'skipped' if no_verify else 'ok'}")
     for name, f in m["files"].items():
@@ -189,8 +241,10 @@ def demo_cmd(backend: str, max_new_tokens: int) -> None:
 
     with tempfile.TemporaryDirectory(prefix="moeport-demo-") as tmp:
         ckpt = make_checkpoint(Path(tmp) / "checkpoint", "tiny", seed=0)
-        click.echo(f"1. checkpoint: random-weight DeepSeek-V3 architecture (MLA, 8 routed experts top-2 in 4 groups, "
-                   f"YaRN) at {ckpt}")
+        click.echo(
+            f"1. checkpoint: random-weight DeepSeek-V3 architecture (MLA, 8 routed experts top-2 in 4 groups, "
+            f"YaRN) at {ckpt}"
+        )
         t0 = time.perf_counter()
         art = export(ckpt, Path(tmp) / "artifact")
         click.echo(f"2. exported to ONNX in {time.perf_counter() - t0:.2f}s")
@@ -201,8 +255,10 @@ def demo_cmd(backend: str, max_new_tokens: int) -> None:
         result = model.session().generate(prompt, max_new_tokens, stop_at_eos=False)
         click.echo(f"4. prompt ids {prompt} -> {len(result.tokens)} greedy tokens:")
         click.echo("   " + " ".join(map(str, result.tokens)))
-        click.echo(f"   prefill {result.prefill_tokens_per_second:.1f} tok/s, decode "
-                   f"{result.decode_tokens_per_second:.1f} tok/s")
+        click.echo(
+            f"   prefill {result.prefill_tokens_per_second:.1f} tok/s, decode "
+            f"{result.decode_tokens_per_second:.1f} tok/s"
+        )
 
 
 if __name__ == "__main__":  # pragma: no cover
