@@ -14,6 +14,7 @@ from importlib import metadata
 from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
+
 from moeport.exporter.manifest import Artifact
 
 log = logging.getLogger("moeport.backends")

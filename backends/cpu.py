@@ -6,6 +6,7 @@ import os
 from typing import Any
 
 import numpy as np
+
 from moeport.exporter.manifest import Artifact
 
 from .base import API_VERSION, Availability, BackendError

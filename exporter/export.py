@@ -11,11 +11,11 @@ from collections.abc import Callable
 from pathlib import Path
 
 import onnx
+
+from moeport import __version__
 from moeport.models.checkpoint import MTP_PATTERN, Checkpoint, CheckpointError
 from moeport.models.config import DeepseekConfig, load_config
 from moeport.models.deepseek import CACHE_INPUT, CACHE_OUTPUT, DeepseekGraph, expected_tensors
-
-from moeport import __version__
 
 from .graph import STORAGE_DTYPES, GraphBuilder, WeightFile
 from .manifest import FORMAT, FORMAT_VERSION, MANIFEST, sha256_file

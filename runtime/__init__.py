@@ -1,5 +1,23 @@
 """Load an artifact on a backend and run it: ``load(dir, backend="cpu").session()``."""
 
-from .model import GenerationError, GenerationResult, Model, Session, load
+from .generate import BatchGenerator, Completion, GenerationError, Request
+from .model import Model, Session, load
+from .sampling import Sampler, SamplingError, SamplingParams
+from .text import ReasoningSplitter, TextDelta, TextError, Tokenizer
 
-__all__ = ["load", "Model", "Session", "GenerationError", "GenerationResult"]
+__all__ = [
+    "load",
+    "Model",
+    "Session",
+    "BatchGenerator",
+    "Request",
+    "Completion",
+    "GenerationError",
+    "SamplingParams",
+    "Sampler",
+    "SamplingError",
+    "Tokenizer",
+    "TextDelta",
+    "TextError",
+    "ReasoningSplitter",
+]

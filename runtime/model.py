@@ -1,21 +1,24 @@
-"""Loaded models and sessions: prefill, step, latent KV cache, greedy generation."""
+"""Loaded models and sessions: prefill, step, fork, latent KV cache, batched forward, generation."""
 
 from __future__ import annotations
 
 import json
+import threading
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
 from moeport.backends.base import Backend, Program, best_backend, get_backend
 from moeport.exporter.manifest import Artifact, read_artifact
 
+from .generate import BatchGenerator, Completion, GenerationError, Request
+from .sampling import SamplingParams, generation_defaults
+from .text import TextDelta, TextError, Tokenizer
 
-class GenerationError(ValueError):
-    """Bad input to a session: empty prompt, token out of vocabulary, context too long, ..."""
+__all__ = ["load", "Model", "Session", "GenerationError"]
 
 
 def load(
@@ -54,7 +57,10 @@ class Model:
         self._cache_in = [cache["input"].format(i=i) for i in range(self.num_layers)]
         self._cache_out = [cache["output"].format(i=i) for i in range(self.num_layers)]
         self.eos_token_ids: tuple[int, ...] = self._eos_ids()
-        self._tokenizer = None
+        self.generation_defaults = generation_defaults(artifact.file("generation_config.json"))
+        self._tokenizer: Tokenizer | None = None
+        self._tokenizer_loaded = False
+        self._tokenizer_lock = threading.Lock()
 
     def _eos_ids(self) -> tuple[int, ...]:
         path = self.artifact.file("generation_config.json")
@@ -68,21 +74,43 @@ class Model:
         return tuple(self.config.eos_token_ids)
 
     @property
-    def tokenizer(self):
-        """The artifact's tokenizer (``tokenizers`` library), or None when it has no tokenizer.json."""
-        if self._tokenizer is None:
-            path = self.artifact.file("tokenizer.json")
-            if path is None:
-                return None
-            from tokenizers import Tokenizer
-
-            self._tokenizer = Tokenizer.from_file(str(path))
+    def tokenizer(self) -> Tokenizer | None:
+        """The artifact's tokenizer (tokenizer.json + tokenizer_config.json), or None without one."""
+        with self._tokenizer_lock:
+            if not self._tokenizer_loaded:
+                path = self.artifact.file("tokenizer.json")
+                if path is not None:
+                    self._tokenizer = Tokenizer(
+                        path, self.artifact.file("tokenizer_config.json"), self.artifact.file("chat_template.jinja")
+                    )
+                self._tokenizer_loaded = True
         return self._tokenizer
+
+    def require_tokenizer(self) -> Tokenizer:
+        tok = self.tokenizer
+        if tok is None:
+            raise TextError(f"{self.artifact.directory} has no tokenizer.json; give token ids instead of text")
+        return tok
+
+    def chat_ids(self, messages: Sequence[dict[str, Any]], add_generation_prompt: bool = True) -> list[int]:
+        """Token ids of ``messages`` rendered with the model's chat template."""
+        return self.require_tokenizer().encode_chat(messages, add_generation_prompt)
+
+    def sampling_params(self, params: SamplingParams | None = None, **overrides: Any) -> SamplingParams:
+        """``params`` (or the generation_config.json defaults) with explicit ``overrides`` applied."""
+        if params is not None:
+            return params.with_defaults({}, **overrides)
+        return SamplingParams().with_defaults(self.generation_defaults, **overrides)
 
     def session(self) -> Session:
         return Session(self)
 
+    def batch(self, max_batch: int = 16) -> BatchGenerator:
+        """A continuous-batching generator over this model's sessions."""
+        return BatchGenerator(self, max_batch)
+
     def close(self) -> None:
+        """Release the compiled program; sessions of this model refuse further use."""
         self.program = None
 
     def __enter__(self) -> Model:
@@ -91,54 +119,102 @@ class Model:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    # one backend call over a batch of rows
-    def _run(self, ids: np.ndarray, positions: np.ndarray, mask: np.ndarray, caches: list[np.ndarray]):
-        if self.program is None:
+    def forward_batch(self, items: Sequence[tuple[Session, Sequence[int]]]) -> list[np.ndarray]:
+        """Feed new tokens to several sessions in one backend call; returns each one's logits [n_i, vocab].
+
+        Rows are right-aligned: each session's cache sits just before the shared new-token block and
+        its new tokens at the block's end; padding is masked out of attention and dropped afterwards.
+        """
+        program = self.program
+        if program is None:
             raise GenerationError("the model was closed; load it again to use its sessions")
-        feeds = {"input_ids": ids, "position_ids": positions, "attention_mask": mask}
-        feeds.update(zip(self._cache_in, caches, strict=True))
-        out = self.program.run(feeds)
-        return out["logits"], [out[name] for name in self._cache_out]
-
-
-@dataclass
-class GenerationResult:
-    tokens: list[int]
-    prompt_tokens: int
-    prefill_seconds: float
-    decode_seconds: float
-    stop_reason: str  # "eos" | "length"
-    timings: dict[str, float] = field(default_factory=dict)
-
-    @property
-    def decode_tokens_per_second(self) -> float:
-        steps = max(len(self.tokens) - 1, 0)
-        return steps / self.decode_seconds if self.decode_seconds > 0 else 0.0
-
-    @property
-    def prefill_tokens_per_second(self) -> float:
-        return self.prompt_tokens / self.prefill_seconds if self.prefill_seconds > 0 else 0.0
+        sessions = [s for s, _ in items]
+        if len({id(s) for s in sessions}) != len(sessions):
+            raise GenerationError("the same session appears twice in one batch")
+        locks = sorted(sessions, key=id)
+        for s in locks:
+            s._lock.acquire()
+        try:
+            news = [s.check_ids(ids) for s, ids in items]
+            pasts = [s.position for s in sessions]
+            b, p, n = len(items), max(pasts), max(len(x) for x in news)
+            ids = np.zeros((b, n), np.int64)
+            pos = np.zeros((b, n), np.int64)
+            mask = np.zeros((b, p + n), np.int64)
+            caches = [np.zeros((b, p, self.latent_dim), np.float32) for _ in range(self.num_layers)]
+            for r, (s, new, past) in enumerate(zip(sessions, news, pasts, strict=True)):
+                k = len(new)
+                ids[r, n - k :] = new
+                pos[r, n - k :] = np.arange(past, past + k)
+                mask[r, p - past : p] = 1
+                mask[r, p + n - k :] = 1
+                for layer in range(self.num_layers):
+                    caches[layer][r, p - past :] = s.caches[layer][0]
+            feeds = {"input_ids": ids, "position_ids": pos, "attention_mask": mask}
+            feeds.update(zip(self._cache_in, caches, strict=True))
+            out = program.run(feeds)
+            logits = out["logits"]
+            presents = [out[name] for name in self._cache_out]
+            rows = []
+            for r, (s, new, past) in enumerate(zip(sessions, news, pasts, strict=True)):
+                k = len(new)
+                if past == p and k == n:  # no padding in this row: keep the backend's array as is
+                    s.caches = [present[r : r + 1] for present in presents]
+                else:
+                    s.caches = [
+                        np.concatenate([present[r : r + 1, p - past : p], present[r : r + 1, p + n - k :]], axis=1)
+                        for present in presents
+                    ]
+                s.tokens.extend(int(t) for t in new)
+                rows.append(logits[r, n - k :])
+            return rows
+        finally:
+            for s in reversed(locks):
+                s._lock.release()
 
 
 class Session:
-    """One sequence: its latent KV cache and position. ``prefill`` then ``step`` equals one long prefill."""
+    """One sequence: its latent KV cache and position. ``prefill`` then ``step`` equals one long prefill.
+
+    Sessions of one model share its weights; each owns its cache. A session may be used from any
+    thread (calls on one session are serialized); ``fork()`` copies a prefix for parallel branches.
+    """
 
     def __init__(self, model: Model):
         self.model = model
+        self._lock = threading.RLock()
         self.reset()
 
     def reset(self) -> None:
         """Forget the sequence: empty cache, position 0."""
         dim = self.model.latent_dim
-        self.caches = [np.zeros((1, 0, dim), np.float32) for _ in range(self.model.num_layers)]
-        self.tokens: list[int] = []
+        with self._lock:
+            self.caches = [np.zeros((1, 0, dim), np.float32) for _ in range(self.model.num_layers)]
+            self.tokens: list[int] = []
+
+    def fork(self) -> Session:
+        """A new session starting from this one's cache (e.g. a shared system prompt), independent after."""
+        with self._lock:
+            child = Session(self.model)
+            child.caches = list(self.caches)  # arrays are replaced, never written in place: sharing is safe
+            child.tokens = list(self.tokens)
+            return child
+
+    def truncate(self, length: int) -> None:
+        """Keep only the first ``length`` tokens of the sequence (e.g. to re-use a shared prefix)."""
+        with self._lock:
+            if not 0 <= length <= self.position:
+                raise GenerationError(f"cannot truncate a {self.position}-token session to {length} tokens")
+            self.caches = [c[:, :length] for c in self.caches]
+            self.tokens = self.tokens[:length]
 
     @property
     def position(self) -> int:
         """Number of tokens in the cache (the position the next token will take)."""
         return len(self.tokens)
 
-    def _check_ids(self, token_ids: Sequence[int]) -> np.ndarray:
+    def check_ids(self, token_ids: Sequence[int]) -> np.ndarray:
+        """Validate new token ids against the vocabulary and the context limit."""
         if len(token_ids) == 0:
             raise GenerationError("empty prompt: at least one token is needed")
         ids = np.asarray(token_ids)
@@ -154,56 +230,49 @@ class Session:
             )
         return ids.astype(np.int64)
 
+    def forward(self, token_ids: Sequence[int]) -> np.ndarray:
+        """Append tokens; returns logits for every one of them ([len, vocab] float32)."""
+        return self.model.forward_batch([(self, token_ids)])[0]
+
     def prefill(self, token_ids: Sequence[int]) -> np.ndarray:
         """Append tokens to the sequence; returns the logits of the last one ([vocab] float32)."""
         return self.forward(token_ids)[-1]
-
-    def forward(self, token_ids: Sequence[int]) -> np.ndarray:
-        """Append tokens; returns logits for every one of them ([len, vocab] float32)."""
-        ids = self._check_ids(token_ids)
-        start, n = self.position, len(ids)
-        positions = np.arange(start, start + n, dtype=np.int64)[None]
-        mask = np.ones((1, start + n), np.int64)
-        logits, caches = self.model._run(ids[None], positions, mask, self.caches)
-        self.caches = caches
-        self.tokens.extend(int(t) for t in ids)
-        return logits[0]
 
     def step(self, token_id: int) -> np.ndarray:
         """Append one token; returns its logits ([vocab] float32)."""
         return self.prefill([token_id])
 
-    def generate_iter(self, prompt_ids: Sequence[int], max_new_tokens: int, stop_at_eos: bool = True) -> Iterator[int]:
-        """Greedy decoding: yields new token ids one at a time."""
-        if max_new_tokens < 0:
-            raise GenerationError("max_new_tokens must be >= 0")
-        if self.position + len(prompt_ids) + max_new_tokens > self.model.max_seq_len:
-            raise GenerationError(
-                f"prompt ({self.position + len(prompt_ids)} tokens) + max_new_tokens ({max_new_tokens}) exceeds "
-                f"the max sequence length {self.model.max_seq_len}"
-            )
-        if max_new_tokens == 0:
-            self._check_ids(prompt_ids)
-            return
-        logits = self.prefill(prompt_ids)
-        for i in range(max_new_tokens):
-            token = int(np.argmax(logits))
-            yield token
-            if stop_at_eos and token in self.model.eos_token_ids:
-                return
-            if i + 1 < max_new_tokens:
-                logits = self.step(token)
+    # -- generation ---------------------------------------------------------------------------
+    def request(self, prompt: Sequence[int] | str, params: SamplingParams | None = None, **overrides: Any) -> Request:
+        """A generation request on this session (text prompts are tokenized; chat-rendered text that
+        ends in ``<think>`` starts in the reasoning part)."""
+        params = self.model.sampling_params(params, **overrides)
+        in_reasoning = False
+        if isinstance(prompt, str):
+            if prompt == "":
+                raise GenerationError("empty prompt: at least one token is needed")
+            in_reasoning = prompt.rstrip().endswith("<think>")
+            tok = self.model.require_tokenizer()
+            has_bos = bool(tok.bos_token) and prompt.startswith(tok.bos_token)
+            prompt = tok.encode(prompt, add_special_tokens=not has_bos and self.position == 0)
+        return Request(self, prompt, params, in_reasoning=in_reasoning)
 
-    def generate(self, prompt_ids: Sequence[int], max_new_tokens: int, stop_at_eos: bool = True) -> GenerationResult:
-        """Greedy generation with timings (prefill vs decode)."""
-        tokens: list[int] = []
-        t0 = time.perf_counter()
-        first = None
-        for token in self.generate_iter(prompt_ids, max_new_tokens, stop_at_eos):
-            if first is None:
-                first = time.perf_counter()
-            tokens.append(token)
-        end = time.perf_counter()
-        first = first or end
-        stop = "eos" if tokens and stop_at_eos and tokens[-1] in self.model.eos_token_ids else "length"
-        return GenerationResult(tokens, len(prompt_ids), first - t0, end - first, stop)
+    def generate(
+        self, prompt: Sequence[int] | str, params: SamplingParams | None = None, **overrides: Any
+    ) -> Completion:
+        """Generate from ``prompt`` (ids or text) with ``params`` / keyword overrides (``max_new_tokens``,
+        ``temperature``, ``top_p``, ``seed``, ``stop``, ``ignore_eos``, ...)."""
+        gen = BatchGenerator(self.model, 1)
+        req = gen.submit(self, prompt, params, **overrides)
+        gen.run()
+        return req.result()
+
+    def stream(
+        self, prompt: Sequence[int] | str, params: SamplingParams | None = None, **overrides: Any
+    ) -> Iterator[TextDelta]:
+        """Like :meth:`generate`, yielding text deltas labelled ``reasoning`` or ``content`` as they come.
+        The finished :class:`Completion` is the generator's return value."""
+        gen = BatchGenerator(self.model, 1)
+        req = gen.submit(self, prompt, params, **overrides)
+        yield from gen.stream(req)
+        return req.result()

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from click.testing import CliRunner
+
 from moeport.backends import BackendError
 from moeport.exporter import ArtifactError, ExportError, export
 from moeport.models import CheckpointError, ConfigError
@@ -199,8 +200,8 @@ def test_prompt_plus_new_tokens_beyond_max_seq_len(tiny_checkpoint, tmp_path):
     with pytest.raises(
         GenerationError, match=r"prompt \(10 tokens\) \+ max_new_tokens \(7\) exceeds the max sequence length 16"
     ):
-        list(s.generate_iter(list(range(10)), 7))
-    assert len(s.generate([1] * 10, 6, stop_at_eos=False).tokens) == 6
+        s.generate(list(range(10)), max_new_tokens=7)
+    assert len(s.generate([1] * 10, max_new_tokens=6, ignore_eos=True).tokens) == 6
     assert s.position == 15  # the last generated token is not fed back until the next step
     s.step(1)
     with pytest.raises(GenerationError, match=r"context too long: 16 cached \+ 1 new tokens > max sequence length 16"):
@@ -253,7 +254,7 @@ def test_session_after_close(tiny_artifact):
         (["run", "{art}", "--prompt-ids", ""], "empty prompt"),
         (["run", "{art}", "--prompt-ids", "1", "--backend", "nope"], "unknown backend 'nope'"),
         (["run", "{art}", "--prompt-ids", "1", "--max-new-tokens", "600"], "exceeds the max sequence length 512"),
-        (["run", "{art}", "--prompt", "hi"], "has no tokenizer.json; use --prompt-ids"),
+        (["run", "{art}", "--prompt", "hi"], "has no tokenizer.json; give token ids instead of text"),
         (["run", "{art}", "--prompt-ids", "1,x"], "expected comma-separated integers"),
         (["run", "{art}"], "give exactly one of --prompt or --prompt-ids"),
         (["export", "{ckpt}", "{art}"], "exists and is not empty"),

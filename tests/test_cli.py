@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 from click.testing import CliRunner
+
 from moeport.tools.cli import main
 
 PROMPT = [3, 14, 15, 92, 65, 35, 89, 79]
@@ -55,7 +56,7 @@ def test_run_stops_at_eos_unless_ignored(tiny_artifact):
             main, ["run", str(tiny_artifact), "--prompt-ids", ids, "--max-new-tokens", "40", "--ignore-eos", "--json"]
         ).output
     )
-    assert len(full["tokens"]) == 40 and full["stop_reason"] == "length"
+    assert len(full["tokens"]) == 40 and full["finish_reason"] == "length"
     gen = json.loads((tiny_artifact / "generation_config.json").read_text())
     eos = gen["eos_token_id"]
     if eos in full["tokens"]:
@@ -65,7 +66,7 @@ def test_run_stops_at_eos_unless_ignored(tiny_artifact):
             ).output
         )
         assert stopped["tokens"] == full["tokens"][: full["tokens"].index(eos) + 1]
-        assert stopped["stop_reason"] == "eos"
+        assert stopped["finish_reason"] == "eos"
 
 
 def test_backends_lists_cpu_as_available():

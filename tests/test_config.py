@@ -6,6 +6,7 @@ import json
 
 import numpy as np
 import pytest
+
 from moeport.models.config import ConfigError, load_config, parse_config
 from moeport.models.deepseek import rope_inv_freq
 

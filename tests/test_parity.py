@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from moeport.runtime import load
 
 import moeport
+from moeport.runtime import load
 
 SPECS = ["v3", "v2", "v3_bf16", "v3_sharded", "v3_fp8", "v3_tied", "v3_noqlora_ropeplain"]
 PROMPT = [3, 14, 15, 92, 65, 35, 89, 79]
@@ -39,7 +39,7 @@ def test_32_greedy_tokens_identical_to_transformers(oracle_cache, spec):
     _, ref_model = oracle_cache.checkpoint(spec)
     want = oracle.reference_greedy(ref_model, PROMPT, GREEDY_STEPS)
     model = moeport.load(oracle_cache.artifact(spec), backend="cpu")
-    got = model.session().generate(PROMPT, GREEDY_STEPS, stop_at_eos=False).tokens
+    got = model.session().generate(PROMPT, max_new_tokens=GREEDY_STEPS, ignore_eos=True).tokens
     assert got == want
     assert len(set(want)) > 3, "degenerate reference: the test model repeats one token"
 
@@ -69,7 +69,7 @@ def test_bf16_checkpoint_exported_as_bf16_is_lossless(oracle_cache):
     model = load(art, backend="cpu")
     assert model.artifact.manifest["weights"]["dtype"] == "bf16"
     assert_logits_close(model.session().forward(PROMPT), oracle.reference_logits(ref_model, PROMPT))
-    assert model.session().generate(PROMPT, GREEDY_STEPS, stop_at_eos=False).tokens == want
+    assert model.session().generate(PROMPT, max_new_tokens=GREEDY_STEPS, ignore_eos=True).tokens == want
 
 
 def test_fp16_weights_stay_close(oracle_cache):

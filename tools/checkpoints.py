@@ -11,6 +11,7 @@ from pathlib import Path
 
 import ml_dtypes
 import numpy as np
+
 from moeport.models.config import parse_config
 from moeport.models.deepseek import expected_tensors
 

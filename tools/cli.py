@@ -10,16 +10,28 @@ import time
 from pathlib import Path
 
 import click
+
+from moeport import __version__
 from moeport.backends.base import BackendError, best_backend, discover
 from moeport.exporter.export import WEIGHT_CHOICES, ExportError, export
 from moeport.exporter.manifest import ArtifactError, read_artifact
 from moeport.models.checkpoint import CheckpointError
 from moeport.models.config import ConfigError
-from moeport.runtime.model import GenerationError, load
+from moeport.runtime.generate import GenerationError
+from moeport.runtime.model import load
+from moeport.runtime.sampling import SamplingError, SamplingParams
+from moeport.runtime.text import TextError
 
-from moeport import __version__
-
-USER_ERRORS = (ConfigError, CheckpointError, ExportError, ArtifactError, BackendError, GenerationError)
+USER_ERRORS = (
+    ConfigError,
+    CheckpointError,
+    ExportError,
+    ArtifactError,
+    BackendError,
+    GenerationError,
+    SamplingError,
+    TextError,
+)
 
 
 class _Group(click.Group):
@@ -100,85 +112,221 @@ def _parse_ids(text: str) -> list[int]:
         raise click.BadParameter(f"expected comma-separated integers, got {text!r}", param_hint="--prompt-ids") from exc
 
 
+def sampling_options(f):
+    """The sampling/stop flags shared by `run` and `chat` (unset flags fall back to generation_config.json)."""
+    options = [
+        click.option(
+            "--max-new-tokens",
+            type=click.IntRange(min=0),
+            default=None,
+            help="Most tokens to generate [default: generation_config.json's, else 256].",
+        ),
+        click.option(
+            "--temperature",
+            type=float,
+            default=None,
+            help="Sampling temperature, 0 = greedy [default: generation_config.json's, else 0].",
+        ),
+        click.option("--top-k", type=int, default=None, help="Sample from the k most likely tokens only (0 = off)."),
+        click.option(
+            "--top-p", type=float, default=None, help="Nucleus sampling: smallest set with this mass, in (0, 1]."
+        ),
+        click.option(
+            "--min-p", type=float, default=None, help="Drop tokens below min-p x the top probability, in [0, 1)."
+        ),
+        click.option(
+            "--repetition-penalty", type=float, default=None, help="> 1 discourages repeating tokens (1 = off)."
+        ),
+        click.option("--seed", type=int, default=None, help="Random seed: the same seed gives the same sample."),
+        click.option("--stop", multiple=True, help="Stop when the output contains this text (repeatable)."),
+        click.option("--ignore-eos", is_flag=True, help="Keep generating past end-of-sequence tokens."),
+        click.option(
+            "--on-context-limit",
+            type=click.Choice(["error", "stop"]),
+            default="error",
+            show_default=True,
+            help="When prompt + max-new-tokens exceed the context: refuse up front, or stop cleanly when full.",
+        ),
+        click.option("--threads", type=click.IntRange(min=1), default=None, help="CPU threads (default: all cores)."),
+        click.option(
+            "--backend",
+            default="cpu",
+            show_default=True,
+            help="Backend name (see `moeport backends`), or 'auto' for the best available.",
+        ),
+    ]
+    for option in reversed(options):
+        f = option(f)
+    return f
+
+
+def _sampling(
+    model,
+    max_new_tokens,
+    temperature,
+    top_k,
+    top_p,
+    min_p,
+    repetition_penalty,
+    seed,
+    stop,
+    ignore_eos,
+    on_context_limit,
+):
+    defaults = {"max_new_tokens": 256, **model.generation_defaults}
+    return SamplingParams().with_defaults(
+        defaults,
+        max_new_tokens=max_new_tokens,
+        temperature=temperature,
+        top_k=top_k,
+        top_p=top_p,
+        min_p=min_p,
+        repetition_penalty=repetition_penalty,
+        seed=seed,
+        stop=tuple(stop),
+        ignore_eos=ignore_eos or None,
+        on_context_limit=on_context_limit,
+    )
+
+
+def _generate(session, prompt, params: SamplingParams, echo: bool):
+    """Run one generation; with ``echo``, stream it to stdout (reasoning dimmed, then a blank line, content)."""
+    last = None
+    stream = session.stream(prompt, params)
+    while True:
+        try:
+            d = next(stream)
+        except StopIteration as done:
+            return done.value
+        if echo:
+            if d.part == "content" and last == "reasoning":
+                click.echo("\n", nl=False)
+            last = d.part
+            click.echo(click.style(d.text, dim=True) if d.part == "reasoning" else d.text, nl=False)
+
+
 @main.command("run")
 @click.argument("artifact_dir", type=click.Path(path_type=Path))
-@click.option("--backend", default="cpu", show_default=True, help="Backend name (see `moeport backends`), or 'auto'.")
 @click.option("--prompt", help="Prompt text (needs the artifact's tokenizer.json).")
 @click.option("--prompt-ids", help="Prompt as comma-separated token ids, e.g. 1,2,3.")
+@click.option("--chat", is_flag=True, help="Apply the model's chat template to --prompt as one user message.")
+@click.option("--system", help="With --chat: a system message before the user message.")
+@sampling_options
 @click.option(
-    "--max-new-tokens",
-    type=click.IntRange(min=0),
-    default=32,
-    show_default=True,
-    help="Number of tokens to generate (fewer if EOS comes first).",
+    "--json",
+    "as_json",
+    is_flag=True,
+    help="Print one JSON object: tokens, text, reasoning, content, finish_reason, timings.",
 )
-@click.option(
-    "--temperature",
-    type=float,
-    default=0.0,
-    show_default=True,
-    help="Sampling temperature; 0 is greedy (the only mode so far).",
-)
-@click.option("--ignore-eos", is_flag=True, help="Keep generating past end-of-sequence tokens.")
-@click.option("--threads", type=click.IntRange(min=1), default=None, help="CPU threads (default: all cores).")
-@click.option("--json", "as_json", is_flag=True, help="Print one JSON object: tokens, text, timings.")
 def run_cmd(
     artifact_dir: Path,
-    backend: str,
     prompt: str | None,
     prompt_ids: str | None,
-    max_new_tokens: int,
-    temperature: float,
-    ignore_eos: bool,
-    threads: int | None,
+    chat: bool,
+    system: str | None,
     as_json: bool,
+    threads: int | None,
+    backend: str,
+    **sampling,
 ) -> None:
-    """Generate from ARTIFACT_DIR on a backend."""
+    """Generate from ARTIFACT_DIR on a backend, streaming the text (reasoning dimmed)."""
     if (prompt is None) == (prompt_ids is None):
         raise click.UsageError("give exactly one of --prompt or --prompt-ids")
-    if temperature < 0:
-        raise click.BadParameter("must be >= 0", param_hint="--temperature")
-    if temperature > 0:
-        raise click.BadParameter(
-            "sampling is not implemented yet; use --temperature 0 (greedy)", param_hint="--temperature"
-        )
+    if chat and prompt is None:
+        raise click.UsageError("--chat needs --prompt (text)")
     t0 = time.perf_counter()
     model = load(artifact_dir, backend=backend, threads=threads)
     load_s = time.perf_counter() - t0
-    tok = model.tokenizer
+    params = _sampling(model, **sampling)
     if prompt is not None:
-        if tok is None:
-            raise click.UsageError(f"{artifact_dir} has no tokenizer.json; use --prompt-ids")
         if prompt == "":
             raise GenerationError("empty prompt: at least one token is needed")
-        ids = tok.encode(prompt).ids
-    else:
-        ids = _parse_ids(prompt_ids)
-    session = model.session()
-    result = session.generate(ids, max_new_tokens, stop_at_eos=not ignore_eos)
-    text = tok.decode(result.tokens) if tok is not None else None
+        tok = model.require_tokenizer()
+        if chat:
+            messages = ([{"role": "system", "content": system}] if system else []) + [
+                {"role": "user", "content": prompt}
+            ]
+            prompt = tok.apply_chat_template(messages, add_generation_prompt=True)
+    stream = not as_json and model.tokenizer is not None
+    result = _generate(model.session(), prompt if prompt is not None else _parse_ids(prompt_ids), params, stream)
     if as_json:
         out = {
             "tokens": result.tokens,
-            "prompt_tokens": len(ids),
+            "prompt_tokens": result.prompt_tokens,
+            "finish_reason": result.finish_reason,
             "backend": model.backend_name,
-            "stop_reason": result.stop_reason,
             "load_seconds": round(load_s, 4),
             "prefill_seconds": round(result.prefill_seconds, 4),
             "decode_seconds": round(result.decode_seconds, 4),
             "prefill_tokens_per_second": round(result.prefill_tokens_per_second, 2),
             "decode_tokens_per_second": round(result.decode_tokens_per_second, 2),
         }
-        if text is not None:
-            out["text"] = text
-        click.echo(json.dumps(out))
-    else:
-        click.echo(text if text is not None else " ".join(map(str, result.tokens)))
-        click.echo(
-            f"[{len(result.tokens)} tokens, prefill {result.prefill_tokens_per_second:.1f} tok/s, "
-            f"decode {result.decode_tokens_per_second:.1f} tok/s, backend {model.backend_name}]",
-            err=True,
-        )
+        if result.text is not None:
+            out.update(text=result.text, reasoning=result.reasoning, content=result.content)
+        click.echo(json.dumps(out, ensure_ascii=False))
+        return
+    if not stream:
+        click.echo(" ".join(map(str, result.tokens)), nl=False)
+    click.echo()
+    click.echo(
+        f"[{len(result.tokens)} tokens, {result.finish_reason}; prefill {result.prefill_tokens_per_second:.1f} "
+        f"tok/s, decode {result.decode_tokens_per_second:.1f} tok/s, backend {model.backend_name}]",
+        err=True,
+    )
+
+
+@main.command("chat")
+@click.argument("artifact_dir", type=click.Path(path_type=Path))
+@click.option("--system", help="A system message for the whole conversation.")
+@sampling_options
+def chat_cmd(artifact_dir: Path, system: str | None, threads: int | None, backend: str, **sampling) -> None:
+    """Talk with ARTIFACT_DIR: multi-turn, reasoning shown dimmed and dropped from the history.
+
+    Type a message and press Enter; /reset starts over, /exit (or Ctrl-D) quits.
+    """
+    model = load(artifact_dir, backend=backend, threads=threads)
+    tok = model.require_tokenizer()
+    if tok.chat_template is None:
+        raise TextError(f"{artifact_dir} has no chat template; use `moeport run --prompt` instead")
+    params = _sampling(model, **sampling)
+    history: list[dict] = [{"role": "system", "content": system}] if system else []
+    session = model.session()
+    click.echo(f"moeport chat: {model.config.model_type} on {model.backend_name}. /reset, /exit or Ctrl-D.", err=True)
+    while True:
+        try:
+            line = input(click.style(">>> ", bold=True) if sys.stdin.isatty() else "")
+        except EOFError:
+            break
+        text = line.strip()
+        if not text:
+            continue
+        if text in ("/exit", "/quit"):
+            break
+        if text == "/reset":
+            history = history[:1] if system else []
+            session.reset()
+            click.echo("(conversation cleared)", err=True)
+            continue
+        messages = [*history, {"role": "user", "content": text}]
+        ids = model.chat_ids(messages)
+        session.truncate(_common_prefix(session.tokens, ids))  # reuse the cached prefix of the conversation
+        try:
+            reply = _generate(session, ids[session.position :], params, echo=True)
+        except GenerationError as exc:
+            click.echo(f"{click.style('error:', fg='red')} {exc}", err=True)
+            continue
+        click.echo()
+        # DeepSeek recommends dropping the reasoning from the history: keep only the answer
+        history = [*messages, {"role": "assistant", "content": reply.content or ""}]
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    n = 0
+    for x, y in zip(a, b, strict=False):
+        if x != y:
+            break
+        n += 1
+    return min(n, len(b) - 1)  # keep at least one new token to feed
 
 
 @main.command("backends")
@@ -252,7 +400,7 @@ def demo_cmd(backend: str, max_new_tokens: int) -> None:
         model = load(art, backend=name)
         click.echo(f"3. loaded on backend '{model.backend_name}' in {model.load_seconds:.2f}s")
         prompt = [0, 17, 42, 99, 7]
-        result = model.session().generate(prompt, max_new_tokens, stop_at_eos=False)
+        result = model.session().generate(prompt, max_new_tokens=max_new_tokens, ignore_eos=True)
         click.echo(f"4. prompt ids {prompt} -> {len(result.tokens)} greedy tokens:")
         click.echo("   " + " ".join(map(str, result.tokens)))
         click.echo(
