@@ -213,6 +213,7 @@ class ReasoningSplitter:
         self.seen_close = False
         self.buf = ""
         self.at_part_start = True
+        self.held_ws = ""
         self.reasoning: list[str] = []
         self.content: list[str] = []
 
@@ -242,16 +243,17 @@ class ReasoningSplitter:
         return out
 
     def _emit(self, out: list[TextDelta], text: str, closing: bool = False) -> None:
+        # whitespace at the edges of a part is dropped: leading at once, trailing held until more text follows
+        text = self.held_ws + text
         if self.at_part_start:
             text = text.lstrip()
-            if text:
-                self.at_part_start = False
-        if closing and self.part == "reasoning":
-            text = text.rstrip()
-        if not text:
+        body = text.rstrip()
+        self.held_ws = "" if closing else text[len(body) :]
+        if not body:
             return
-        (self.reasoning if self.part == "reasoning" else self.content).append(text)
-        out.append(TextDelta(self.part, text))
+        self.at_part_start = False
+        (self.reasoning if self.part == "reasoning" else self.content).append(body)
+        out.append(TextDelta(self.part, body))
 
     def flush(self) -> list[TextDelta]:
         out: list[TextDelta] = []
