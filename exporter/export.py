@@ -13,6 +13,7 @@ from pathlib import Path
 import onnx
 
 from moeport import __version__
+from moeport.models import zoo
 from moeport.models.checkpoint import MTP_PATTERN, Checkpoint, CheckpointError
 from moeport.models.config import DeepseekConfig, load_config
 from moeport.models.deepseek import CACHE_INPUT, CACHE_OUTPUT, DeepseekGraph, expected_tensors
@@ -94,7 +95,7 @@ def export(
     force: bool = False,
     progress: Callable[[int], Callable[[], None]] | None = None,
 ) -> Path:
-    """Export a Hugging Face DeepSeek checkpoint to a moeport artifact directory.
+    """Export a Hugging Face DeepSeek checkpoint (a directory, or ``zoo:NAME``) to a moeport artifact directory.
 
     ``weights`` picks the stored dtype (fp32/fp16/bf16; computed in float32). The output is written
     to a temporary directory beside ``output_dir`` and renamed into place only when complete.
@@ -102,7 +103,11 @@ def export(
     """
     if weights not in WEIGHT_CHOICES:
         raise ExportError(f"--weights {weights!r} is not one of {', '.join(WEIGHT_CHOICES)}")
-    src, out = Path(checkpoint_dir), Path(output_dir)
+    try:
+        src = zoo.resolve(checkpoint_dir)
+    except zoo.ZooError as exc:
+        raise ExportError(str(exc)) from exc
+    out = Path(output_dir)
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not force:
         raise ExportError(f"output directory {out} exists and is not empty (use --force to replace it)")
     if out.resolve() == src.resolve():

@@ -244,17 +244,23 @@ class Session:
 
     # -- generation ---------------------------------------------------------------------------
     def request(self, prompt: Sequence[int] | str, params: SamplingParams | None = None, **overrides: Any) -> Request:
-        """A generation request on this session (text prompts are tokenized; chat-rendered text that
-        ends in ``<think>`` starts in the reasoning part)."""
+        """A generation request on this session (text prompts are tokenized; a prompt that ends in
+        ``<think>`` starts the output in the reasoning part)."""
         params = self.model.sampling_params(params, **overrides)
-        in_reasoning = False
+        tok = self.model.tokenizer
         if isinstance(prompt, str):
             if prompt == "":
                 raise GenerationError("empty prompt: at least one token is needed")
-            in_reasoning = prompt.rstrip().endswith("<think>")
             tok = self.model.require_tokenizer()
             has_bos = bool(tok.bos_token) and prompt.startswith(tok.bos_token)
             prompt = tok.encode(prompt, add_special_tokens=not has_bos and self.position == 0)
+        # a prompt ending in "<think>" (DeepSeek-R1's chat template) starts the output inside the reasoning
+        in_reasoning = False
+        if tok is not None and len(prompt) > 0:
+            try:
+                in_reasoning = tok.decode(list(prompt[-4:]), skip_special_tokens=False).rstrip().endswith("<think>")
+            except (TypeError, ValueError, OverflowError):
+                pass  # ids the tokenizer cannot decode: Request reports them
         return Request(self, prompt, params, in_reasoning=in_reasoning)
 
     def generate(

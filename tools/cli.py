@@ -87,7 +87,10 @@ def _progress(desc: str):
 def export_cmd(
     checkpoint_dir: Path, output_dir: Path, weights: str, max_seq_len: int | None, force: bool, quiet: bool
 ) -> None:
-    """Export a Hugging Face DeepSeek CHECKPOINT_DIR (safetensors, incl. FP8) to an artifact in OUTPUT_DIR."""
+    """Export a Hugging Face DeepSeek CHECKPOINT_DIR (safetensors, incl. FP8) to an artifact in OUTPUT_DIR.
+
+    CHECKPOINT_DIR may also name a bundled model, e.g. zoo:tiny-reasoner.
+    """
     t0 = time.perf_counter()
     out = export(
         checkpoint_dir,
@@ -382,31 +385,63 @@ def inspect_cmd(artifact_dir: Path, no_verify: bool) -> None:
 
 @main.command("demo")
 @click.option("--backend", default="auto", show_default=True, help="Backend to run on ('auto' = best available).")
-@click.option("--max-new-tokens", type=click.IntRange(min=1), default=32, show_default=True)
-def demo_cmd(backend: str, max_new_tokens: int) -> None:
-    """Build a small DeepSeek-V3-architecture checkpoint, export it, run it and show tokens and tok/s."""
-    from moeport.tools.checkpoints import make_checkpoint
+@click.option(
+    "--problems",
+    type=click.IntRange(min=1),
+    default=5,
+    show_default=True,
+    help="Problems to solve while you watch (streamed).",
+)
+@click.option(
+    "--eval",
+    "n_eval",
+    type=click.IntRange(min=0),
+    default=100,
+    show_default=True,
+    help="Held-out problems to score in continuous batches afterwards (0 = skip).",
+)
+@click.option("--seed", type=int, default=None, help="Pick other problems to watch.")
+def demo_cmd(backend: str, problems: int, n_eval: int, seed: int | None) -> None:
+    """Export the bundled tiny reasoning MoE (zoo:tiny-reasoner), run it on the best backend, and watch it
+    reason through arithmetic: reasoning (dimmed), answers, accuracy and tok/s."""
+    from moeport.tools.arithmetic import evaluate, heldout_problems, parse_answer, random_problems
 
     with tempfile.TemporaryDirectory(prefix="moeport-demo-") as tmp:
-        ckpt = make_checkpoint(Path(tmp) / "checkpoint", "tiny", seed=0)
-        click.echo(
-            f"1. checkpoint: random-weight DeepSeek-V3 architecture (MLA, 8 routed experts top-2 in 4 groups, "
-            f"YaRN) at {ckpt}"
-        )
         t0 = time.perf_counter()
-        art = export(ckpt, Path(tmp) / "artifact")
-        click.echo(f"2. exported to ONNX in {time.perf_counter() - t0:.2f}s")
-        name = best_backend().name if backend == "auto" else backend
-        model = load(art, backend=name)
-        click.echo(f"3. loaded on backend '{model.backend_name}' in {model.load_seconds:.2f}s")
-        prompt = [0, 17, 42, 99, 7]
-        result = model.session().generate(prompt, max_new_tokens=max_new_tokens, ignore_eos=True)
-        click.echo(f"4. prompt ids {prompt} -> {len(result.tokens)} greedy tokens:")
-        click.echo("   " + " ".join(map(str, result.tokens)))
+        art = export("zoo:tiny-reasoner", Path(tmp) / "tiny-reasoner")
+        export_s = time.perf_counter() - t0
+        model = load(art, backend=best_backend().name if backend == "auto" else backend)
+        cfg = model.config
         click.echo(
-            f"   prefill {result.prefill_tokens_per_second:.1f} tok/s, decode "
-            f"{result.decode_tokens_per_second:.1f} tok/s"
+            f"tiny-reasoner: {cfg.model_type} architecture ({cfg.num_hidden_layers} layers, MLA, "
+            f"{cfg.n_routed_experts} routed experts top-{cfg.num_experts_per_tok} in {cfg.n_group} groups, "
+            f"{cfg.n_shared_experts} shared), trained on 3-digit addition/subtraction"
         )
+        click.echo(
+            f"exported to ONNX in {export_s:.2f}s, loaded on backend '{model.backend_name}' in "
+            f"{model.load_seconds:.2f}s\n"
+        )
+        tok = model.require_tokenizer()
+        params = model.sampling_params(temperature=0.0)
+        watched, right, tokens, seconds = random_problems(problems, seed if seed is not None else 2026), 0, 0, 0.0
+        for p in watched:
+            click.echo(click.style(f">>> {p.prompt}", bold=True))
+            prompt = tok.apply_chat_template([{"role": "user", "content": p.prompt}])
+            result = _generate(model.session(), prompt, params, echo=True)
+            ok = parse_answer(result) == p.answer
+            right += ok
+            tokens += len(result.tokens)
+            seconds += result.prefill_seconds + result.decode_seconds
+            mark = click.style("correct", fg="green") if ok else click.style(f"wrong, expected {p.answer}", fg="red")
+            click.echo(f"   [{mark}; {len(result.tokens)} tokens at {result.decode_tokens_per_second:.0f} tok/s]\n")
+        click.echo(f"watched: {right}/{len(watched)} correct, {tokens / seconds:.0f} tok/s one at a time")
+        if n_eval:
+            held = heldout_problems()[:n_eval]
+            ev = evaluate(model, held, max_batch=32)
+            click.echo(
+                f"held-out: {ev.correct}/{ev.total} correct ({100 * ev.accuracy:.1f}%), "
+                f"{ev.generated_tokens} tokens at {ev.tokens_per_second:.0f} tok/s in continuous batches of 32"
+            )
 
 
 if __name__ == "__main__":  # pragma: no cover
