@@ -18,7 +18,7 @@ from moeport.models.checkpoint import MTP_PATTERN, Checkpoint, CheckpointError
 from moeport.models.config import DeepseekConfig, load_config
 from moeport.models.deepseek import CACHE_INPUT, CACHE_OUTPUT, DeepseekGraph, expected_tensors
 
-from .graph import STORAGE_DTYPES, GraphBuilder, WeightFile
+from .graph import OPSET, STORAGE_DTYPES, GraphBuilder, WeightFile
 from .manifest import FORMAT, FORMAT_VERSION, MANIFEST, sha256_file
 
 log = logging.getLogger("moeport.exporter")
@@ -174,16 +174,17 @@ def _write_artifact(
         "graph": {
             "file": GRAPH_FILE,
             "weights_file": WEIGHTS_FILE,
-            "opset": 18,
+            "opset": OPSET,
             "inputs": {
                 "input_ids": ["int64", ["batch", "seq"]],
                 "position_ids": ["int64", ["batch", "seq"]],
                 "attention_mask": ["int64", ["batch", "past+seq"]],
+                "logits_to_keep": ["int64", [1]],
                 CACHE_INPUT.format("{i}"): ["float32", ["batch", "past", cfg.latent_dim]],
             },
             "outputs": {
-                "logits": ["float32", ["batch", "seq", cfg.vocab_size]],
-                CACHE_OUTPUT.format("{i}"): ["float32", ["batch", "past+seq", cfg.latent_dim]],
+                "logits": ["float32", ["batch", "logits_to_keep", cfg.vocab_size]],
+                CACHE_OUTPUT.format("{i}"): ["float32", ["batch", "seq", cfg.latent_dim]],
             },
         },
         "cache": {
@@ -196,6 +197,7 @@ def _write_artifact(
             "qk_rope_head_dim": cfg.qk_rope_head_dim,
             "dtype": "float32",
             "layout": ["batch", "position", "dim"],
+            "update": "append",  # the graph returns only the new rows; the runtime appends them
             "bytes_per_token": layers * cfg.latent_dim * 4,
         },
         "files": files,

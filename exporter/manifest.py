@@ -19,7 +19,7 @@ from typing import Any
 from moeport.models.config import DeepseekConfig
 
 FORMAT = "moeport-artifact"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 MANIFEST = "manifest.json"
 
 
@@ -100,6 +100,11 @@ def read_artifact(directory: str | Path, verify: bool = True) -> Artifact:
         raise ArtifactError(
             f"{path}: artifact format version {version} is newer than this moeport supports "
             f"({FORMAT_VERSION}); upgrade moeport or re-export with this version"
+        )
+    if version < FORMAT_VERSION:
+        raise ArtifactError(
+            f"{path}: artifact format version {version} is older than this moeport reads ({FORMAT_VERSION}); "
+            "re-export it with `moeport export`"
         )
     artifact = Artifact(d, manifest)
     if verify:

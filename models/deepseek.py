@@ -1,9 +1,10 @@
 """DeepSeek-V2/V3 written once against the exporter's graph builder.
 
 One graph serves prefill and decode: it takes ``input_ids``/``position_ids`` for the new tokens, an
-``attention_mask`` over past + new positions, and one latent cache per layer
+``attention_mask`` over past + new positions, ``logits_to_keep`` and one latent cache per layer
 (``past_latent.{i}``: ``[batch, past, kv_lora_rank + qk_rope_head_dim]``), and returns ``logits`` for
-every new position plus ``present_latent.{i}`` (past with the new tokens appended).
+the last ``logits_to_keep`` new positions plus ``new_latent.{i}``: only the new tokens' cache rows,
+which the runtime writes into its own buffers. The cache is read in place, never copied by the graph.
 
 Attention is MLA in its "absorbed" form: ``kv_b_proj`` is split per head into the key part, folded
 into the query (``q_nope @ W_uk``), and the value part, applied after attending over the latent
@@ -29,7 +30,7 @@ if TYPE_CHECKING:  # the builder lives in the exporter; models only describe the
 Reader = Callable[[str], np.ndarray]
 
 CACHE_INPUT = "past_latent.{}"
-CACHE_OUTPUT = "present_latent.{}"
+CACHE_OUTPUT = "new_latent.{}"
 
 
 # --------------------------------------------------------------------------------------------------
@@ -206,30 +207,36 @@ class DeepseekGraph:
         c = self.rms_norm(c, a + "kv_a_layernorm.weight")
         c = b.Reshape(c, b.Concat(ctx["bs"], b.const([kvl], i64), axis=0))
         k_rot = self.rope(b.Reshape(k_rot, b.Concat(ctx["bs"], b.const([r], i64), axis=0)), ctx["cos"], ctx["sin"])
-        new_latent = b.Concat(c, k_rot, axis=-1)  # [B, S, kvl + r]
-        present = b.Concat(CACHE_INPUT.format(layer), new_latent, axis=1)  # [B, T, kvl + r]
-        b.output(present, CACHE_OUTPUT.format(layer), TensorProto.FLOAT, ["batch", "total", cfg.latent_dim])
+        new_latent = b.Concat(c, k_rot, axis=-1)  # [B, S, D]: this step's rows of the latent cache
+        b.output(new_latent, CACHE_OUTPUT.format(layer), TensorProto.FLOAT, ["batch", "seq", cfg.latent_dim])
 
-        axis2 = b.const([2], i64)
-        latent = b.Slice(present, b.const([0], i64), b.const([kvl], i64), axis2)  # [B, T, kvl]
-        k_pe = b.Slice(present, b.const([kvl], i64), b.const([kvl + r], i64), axis2)  # [B, T, r]
-
-        # kv_b_proj [nh*(nope+v), kvl] -> per head key part W_uk [nh, nope, kvl], value part W_uv^T [nh, kvl, v]
+        # kv_b_proj [nh*(nope+v), kvl] -> per head key part W_uk [nh, nope, kvl] and value part W_uv^T, padded
+        # with zero rows for the rope dims ([nh, kvl + r, v]) so whole latent rows map straight to values
         kv_b = self.read(a + "kv_b_proj.weight").reshape(nh, nope + v, kvl)
         w_uk = b.weight(a + "kv_b_proj.weight:k", kv_b[:, :nope, :])
-        w_uv_t = b.weight(a + "kv_b_proj.weight:v", kv_b[:, nope:, :].transpose(0, 2, 1))
-        del kv_b
+        uv_t = np.zeros((nh, cfg.latent_dim, v), np.float32)
+        uv_t[:, :kvl, :] = kv_b[:, nope:, :].transpose(0, 2, 1)
+        w_uv_t = b.weight(a + "kv_b_proj.weight:v", uv_t)
+        del kv_b, uv_t
 
-        q_lat = b.MatMul(q_nope, w_uk)  # [B, nh, S, kvl]
+        # attend over [past | new] without ever concatenating (copying) the cache: scores are joined instead
         one = b.const([1], i64)
-        scores = b.Add(
-            b.MatMul(q_lat, b.Unsqueeze(b.Transpose(latent, perm=[0, 2, 1]), one)),
-            b.MatMul(q_rot, b.Unsqueeze(b.Transpose(k_pe, perm=[0, 2, 1]), one)),
-        )  # [B, nh, S, T]
+        q_full = b.Concat(b.MatMul(q_nope, w_uk), q_rot, axis=-1)  # [B, nh, S, D]
+        past = b.Unsqueeze(CACHE_INPUT.format(layer), one)  # [B, 1, P, D]
+        new = b.Unsqueeze(new_latent, one)  # [B, 1, S, D]
+        scores = b.Concat(
+            b.MatMul(q_full, b.Transpose(past, perm=[0, 1, 3, 2])),
+            b.MatMul(q_full, b.Transpose(new, perm=[0, 1, 3, 2])),
+            axis=-1,
+        )  # [B, nh, S, P + S]
         scores = b.Mul(scores, b.const(cfg.softmax_scale(), np.float32))
         scores = b.Where(ctx["allowed"], scores, b.const(np.finfo(np.float32).min, np.float32))
         probs = b.Softmax(scores, axis=-1)
-        out = b.MatMul(b.MatMul(probs, b.Unsqueeze(latent, one)), w_uv_t)  # [B, nh, S, v]
+        last = b.const([-1], i64)
+        probs_past = b.Slice(probs, b.const([0], i64), ctx["past_len"], last)
+        probs_new = b.Slice(probs, ctx["past_len"], b.const([np.iinfo(np.int64).max], i64), last)
+        ctx_rows = b.Add(b.MatMul(probs_past, past), b.MatMul(probs_new, new))  # [B, nh, S, D]
+        out = b.MatMul(ctx_rows, w_uv_t)  # [B, nh, S, v]
         out = b.Reshape(b.Transpose(out, perm=[0, 2, 1, 3]), b.const([-1, nh * v], i64))
         return self.linear(out, a + "o_proj.weight")
 
@@ -310,6 +317,7 @@ class DeepseekGraph:
         b.input("input_ids", TensorProto.INT64, ["batch", "seq"])
         b.input("position_ids", TensorProto.INT64, ["batch", "seq"])
         b.input("attention_mask", TensorProto.INT64, ["batch", "total"])
+        b.input("logits_to_keep", TensorProto.INT64, [1])
         for i in range(cfg.num_hidden_layers):
             b.input(CACHE_INPUT.format(i), fp, ["batch", "past", cfg.latent_dim])
 
@@ -327,14 +335,19 @@ class DeepseekGraph:
                 h = self.rms_norm(x, p + "post_attention_layernorm.weight")
                 x = b.Add(x, self.moe(h, i) if cfg.is_moe_layer(i) else self.mlp(h, p + "mlp."))
 
-        x = self.rms_norm(x, "model.norm.weight")
+        # only the last `logits_to_keep` positions of each row reach the head (1 when generating)
+        h = cfg.hidden_size
+        x = b.Reshape(x, b.Concat(ctx["bs"], b.const([h], i64), axis=0))
+        x = b.Slice(x, b.Neg("logits_to_keep"), b.const([np.iinfo(np.int64).max], i64), b.const([1], i64))
+        x = self.rms_norm(b.Reshape(x, b.const([-1, h], i64)), "model.norm.weight")
         if cfg.tie_word_embeddings:
             head = embed if b.storage == np.float32 else b.Cast(embed, to=fp)
         else:
             head = self.weight("lm_head.weight")
         logits = b.Gemm(x, head, transB=1)
-        logits = b.Reshape(logits, b.Concat(ctx["bs"], b.const([cfg.vocab_size], i64), axis=0))
-        b.output(logits, "logits", fp, ["batch", "seq", cfg.vocab_size])
+        batch = b.Slice(ctx["bs"], b.const([0], i64), b.const([1], i64))
+        logits = b.Reshape(logits, b.Concat(batch, b.const([-1, cfg.vocab_size], i64), axis=0))
+        b.output(logits, "logits", fp, ["batch", "kept", cfg.vocab_size])
         b.outputs.sort(key=lambda v: v.name != "logits")  # logits first, then the caches in layer order
 
     def _context(self) -> dict[str, str]:
@@ -351,15 +364,23 @@ class DeepseekGraph:
             cos, sin = b.Mul(cos, af), b.Mul(sin, af)
         one = b.const([1], i64)
 
+        past_len = b.Slice(b.Shape(CACHE_INPUT.format(0)), one, b.const([2], i64))  # [1]: P
         total = b.Gather(b.Shape("attention_mask"), b.const(1, i64), axis=0)
         seq = b.Gather(bs, b.const(1, i64), axis=0)
-        past = b.Sub(total, seq)
         k_idx = b.Range(b.const(0, i64), total, b.const(1, i64))
-        q_idx = b.Range(past, total, b.const(1, i64))
+        q_idx = b.Range(b.Sub(total, seq), total, b.const(1, i64))
         causal = b.LessOrEqual(b.Unsqueeze(k_idx, b.const([0], i64)), b.Unsqueeze(q_idx, one))  # [S, T]
         keep = b.Cast(b.Unsqueeze("attention_mask", b.const([1, 2], i64)), to=TensorProto.BOOL)  # [B, 1, 1, T]
         allowed = b.And(causal, keep)  # [B, 1, S, T]
-        return dict(bs=bs, cos=cos, sin=sin, cos4=b.Unsqueeze(cos, one), sin4=b.Unsqueeze(sin, one), allowed=allowed)
+        return dict(
+            past_len=past_len,
+            bs=bs,
+            cos=cos,
+            sin=sin,
+            cos4=b.Unsqueeze(cos, one),
+            sin4=b.Unsqueeze(sin, one),
+            allowed=allowed,
+        )
 
 
 def _tensor_1(value: float):

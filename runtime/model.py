@@ -14,6 +14,7 @@ import numpy as np
 from moeport.backends.base import Backend, Program, best_backend, get_backend
 from moeport.exporter.manifest import Artifact, read_artifact
 
+from .cache import LatentCache
 from .generate import BatchGenerator, Completion, GenerationError, Request
 from .sampling import SamplingParams, generation_defaults
 from .text import TextDelta, TextError, Tokenizer
@@ -119,11 +120,15 @@ class Model:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def forward_batch(self, items: Sequence[tuple[Session, Sequence[int]]]) -> list[np.ndarray]:
-        """Feed new tokens to several sessions in one backend call; returns each one's logits [n_i, vocab].
+    def forward_batch(
+        self, items: Sequence[tuple[Session, Sequence[int]]], logits_to_keep: int = 1
+    ) -> list[np.ndarray]:
+        """Feed new tokens to several sessions in one backend call; returns each one's logits for its last
+        ``logits_to_keep`` new tokens ([min(keep, n_i), vocab]).
 
-        Rows are right-aligned: each session's cache sits just before the shared new-token block and
-        its new tokens at the block's end; padding is masked out of attention and dropped afterwards.
+        One session runs on views of its own cache buffers (no copy). Several are right-aligned: each
+        cache sits just before the shared new-token block and its new tokens at the block's end;
+        padding is masked out of attention, and each session keeps only its own new rows.
         """
         program = self.program
         if program is None:
@@ -138,36 +143,40 @@ class Model:
             news = [s.check_ids(ids) for s, ids in items]
             pasts = [s.position for s in sessions]
             b, p, n = len(items), max(pasts), max(len(x) for x in news)
+            keep = min(max(1, logits_to_keep), n)
             ids = np.zeros((b, n), np.int64)
             pos = np.zeros((b, n), np.int64)
             mask = np.zeros((b, p + n), np.int64)
-            caches = [np.zeros((b, p, self.latent_dim), np.float32) for _ in range(self.num_layers)]
-            for r, (s, new, past) in enumerate(zip(sessions, news, pasts, strict=True)):
+            for r, (new, past) in enumerate(zip(news, pasts, strict=True)):
                 k = len(new)
                 ids[r, n - k :] = new
                 pos[r, n - k :] = np.arange(past, past + k)
                 mask[r, p - past : p] = 1
                 mask[r, p + n - k :] = 1
-                for layer in range(self.num_layers):
-                    caches[layer][r, p - past :] = s.caches[layer][0]
-            feeds = {"input_ids": ids, "position_ids": pos, "attention_mask": mask}
+            if b == 1:
+                caches = sessions[0].cache.views()
+            else:
+                caches = [np.zeros((b, p, self.latent_dim), np.float32) for _ in range(self.num_layers)]
+                for r, (s, past) in enumerate(zip(sessions, pasts, strict=True)):
+                    for layer, view in enumerate(s.cache.views()):
+                        caches[layer][r, p - past :] = view[0]
+            feeds = {
+                "input_ids": ids,
+                "position_ids": pos,
+                "attention_mask": mask,
+                "logits_to_keep": np.array([keep], np.int64),
+            }
             feeds.update(zip(self._cache_in, caches, strict=True))
             out = program.run(feeds)
             logits = out["logits"]
-            presents = [out[name] for name in self._cache_out]
-            rows = []
-            for r, (s, new, past) in enumerate(zip(sessions, news, pasts, strict=True)):
+            rows_out = [out[name] for name in self._cache_out]  # [B, n, D] per layer
+            result = []
+            for r, (s, new) in enumerate(zip(sessions, news, strict=True)):
                 k = len(new)
-                if past == p and k == n:  # no padding in this row: keep the backend's array as is
-                    s.caches = [present[r : r + 1] for present in presents]
-                else:
-                    s.caches = [
-                        np.concatenate([present[r : r + 1, p - past : p], present[r : r + 1, p + n - k :]], axis=1)
-                        for present in presents
-                    ]
+                s.cache.append([rows[r : r + 1, n - k :] for rows in rows_out])
                 s.tokens.extend(int(t) for t in new)
-                rows.append(logits[r, n - k :])
-            return rows
+                result.append(logits[r, keep - min(k, keep) :])
+            return result
         finally:
             for s in reversed(locks):
                 s._lock.release()
@@ -187,16 +196,15 @@ class Session:
 
     def reset(self) -> None:
         """Forget the sequence: empty cache, position 0."""
-        dim = self.model.latent_dim
         with self._lock:
-            self.caches = [np.zeros((1, 0, dim), np.float32) for _ in range(self.model.num_layers)]
+            self.cache = LatentCache(self.model.num_layers, self.model.latent_dim)
             self.tokens: list[int] = []
 
     def fork(self) -> Session:
         """A new session starting from this one's cache (e.g. a shared system prompt), independent after."""
         with self._lock:
             child = Session(self.model)
-            child.caches = list(self.caches)  # arrays are replaced, never written in place: sharing is safe
+            child.cache = self.cache.copy()
             child.tokens = list(self.tokens)
             return child
 
@@ -205,7 +213,7 @@ class Session:
         with self._lock:
             if not 0 <= length <= self.position:
                 raise GenerationError(f"cannot truncate a {self.position}-token session to {length} tokens")
-            self.caches = [c[:, :length] for c in self.caches]
+            self.cache.truncate(length)
             self.tokens = self.tokens[:length]
 
     @property
@@ -232,11 +240,11 @@ class Session:
 
     def forward(self, token_ids: Sequence[int]) -> np.ndarray:
         """Append tokens; returns logits for every one of them ([len, vocab] float32)."""
-        return self.model.forward_batch([(self, token_ids)])[0]
+        return self.model.forward_batch([(self, token_ids)], logits_to_keep=len(token_ids))[0]
 
     def prefill(self, token_ids: Sequence[int]) -> np.ndarray:
         """Append tokens to the sequence; returns the logits of the last one ([vocab] float32)."""
-        return self.forward(token_ids)[-1]
+        return self.model.forward_batch([(self, token_ids)])[0][-1]
 
     def step(self, token_id: int) -> np.ndarray:
         """Append one token; returns its logits ([vocab] float32)."""

@@ -57,50 +57,105 @@ PRESETS: dict[str, dict] = {
         ),
     ),
 }
+# issue C's benchmark model: DeepSeek-V3 architecture, ~0.82B parameters, ~0.14B active per token, bf16
+PRESETS["bench"] = dict(
+    PRESETS["tiny"],
+    vocab_size=32000,
+    hidden_size=1024,
+    intermediate_size=2816,
+    moe_intermediate_size=512,
+    num_hidden_layers=8,
+    num_attention_heads=8,
+    num_key_value_heads=8,
+    n_routed_experts=64,
+    num_experts_per_tok=6,
+    n_shared_experts=2,
+    n_group=8,
+    topk_group=4,
+    first_k_dense_replace=1,
+    q_lora_rank=384,
+    kv_lora_rank=256,
+    qk_nope_head_dim=64,
+    qk_rope_head_dim=32,
+    v_head_dim=64,
+    max_position_embeddings=4096,
+    rope_scaling=dict(
+        type="yarn",
+        factor=4.0,
+        original_max_position_embeddings=1024,
+        beta_fast=32,
+        beta_slow=1,
+        mscale=1.0,
+        mscale_all_dim=1.0,
+    ),
+)
+# the same active size with only 8 routed experts: decode time should not depend on the expert count
+PRESETS["bench-e8"] = dict(PRESETS["bench"], n_routed_experts=8, n_group=1, topk_group=1)
+PRESET_DTYPES = {"tiny": "fp32", "bench": "bf16", "bench-e8": "bf16"}
 
 _DTYPES = {"fp32": (np.float32, "F32"), "bf16": (ml_dtypes.bfloat16, "BF16"), "fp16": (np.float16, "F16")}
 
 
 def make_checkpoint(
-    out_dir: str | Path, preset: str = "tiny", seed: int = 0, dtype: str = "fp32", overrides: dict | None = None
+    out_dir: str | Path, preset: str = "tiny", seed: int = 0, dtype: str | None = None, overrides: dict | None = None
 ) -> Path:
-    """Write config.json, model.safetensors and generation_config.json for ``preset`` into ``out_dir``."""
+    """Write config.json, model.safetensors and generation_config.json for ``preset`` into ``out_dir``.
+
+    Tensors are generated and written one at a time, so even the bench preset needs little memory.
+    """
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}; choose from {', '.join(PRESETS)}")
     raw = {**PRESETS[preset], **(overrides or {})}
     cfg = parse_config(raw)
     rng = np.random.default_rng(seed)
-    np_dtype, st_dtype = _DTYPES[dtype]
-    tensors: dict[str, np.ndarray] = {}
-    for name, shape in expected_tensors(cfg).items():
+    np_dtype, st_dtype = _DTYPES[dtype or PRESET_DTYPES[preset]]
+
+    def tensor(name: str, shape: tuple[int, ...]) -> np.ndarray:
+        x = rng.standard_normal(shape, dtype=np.float32)
         if name.endswith("norm.weight") or "layernorm" in name:
-            arr = 1.0 + 0.1 * rng.standard_normal(shape)
+            x = 1.0 + 0.1 * x
         elif name.endswith("e_score_correction_bias"):
-            arr = 0.05 * rng.standard_normal(shape)
+            x = 0.05 * x
         elif name.endswith("gate.weight"):
-            arr = 0.5 * rng.standard_normal(shape)
+            x = 0.5 * x
         else:
-            arr = rng.standard_normal(shape) / np.sqrt(shape[-1])
-        tensors[name] = arr.astype(np.float32).astype(np_dtype)
+            x /= np.sqrt(shape[-1])
+        return x.astype(np_dtype)
+
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    write_safetensors(out / "model.safetensors", tensors, st_dtype)
+    shapes = expected_tensors(cfg)
+    write_safetensors(out / "model.safetensors", shapes, st_dtype, (tensor(n, s) for n, s in shapes.items()))
     (out / "config.json").write_text(json.dumps(raw, indent=2))
     gen = {"bos_token_id": raw.get("bos_token_id"), "eos_token_id": raw.get("eos_token_id"), "do_sample": False}
     (out / "generation_config.json").write_text(json.dumps(gen, indent=2))
     return out
 
 
-def write_safetensors(path: Path, tensors: dict[str, np.ndarray], st_dtype: str) -> None:
-    """Minimal safetensors writer (the format is a JSON header + raw little-endian bytes)."""
+def write_safetensors(
+    path: Path, shapes: dict[str, tuple[int, ...]] | dict[str, np.ndarray], st_dtype: str, tensors=None
+) -> None:
+    """Minimal safetensors writer (a JSON header, then raw little-endian bytes in header order).
+
+    ``shapes`` maps names to shapes (then ``tensors`` yields the arrays in that order) or to arrays.
+    """
+    arrays = None
+    if tensors is None:
+        arrays = shapes
+        shapes = {n: a.shape for n, a in arrays.items()}
+        tensors = iter(arrays.values())
+    itemsize = {"F32": 4, "BF16": 2, "F16": 2}[st_dtype]
     header, offset = {}, 0
-    for name, arr in tensors.items():
-        header[name] = {"dtype": st_dtype, "shape": list(arr.shape), "data_offsets": [offset, offset + arr.nbytes]}
-        offset += arr.nbytes
+    for name, shape in shapes.items():
+        nbytes = int(np.prod(shape, dtype=np.int64)) * itemsize
+        header[name] = {"dtype": st_dtype, "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
     blob = json.dumps(header, separators=(",", ":")).encode()
     blob += b" " * ((-len(blob)) % 8)
     with open(path, "wb") as f:
         f.write(len(blob).to_bytes(8, "little"))
         f.write(blob)
-        for arr in tensors.values():
+        for (name, shape), arr in zip(shapes.items(), tensors, strict=True):
+            if tuple(arr.shape) != tuple(shape) or arr.dtype.itemsize != itemsize:
+                raise ValueError(f"{name}: array {arr.shape}/{arr.dtype} does not match {shape}/{st_dtype}")
             f.write(np.ascontiguousarray(arr).tobytes())

@@ -383,6 +383,76 @@ def inspect_cmd(artifact_dir: Path, no_verify: bool) -> None:
         click.echo(f"  {name:<26} {f['size']:>12,d}  {f['sha256'][:16]}")
 
 
+@main.command("make-checkpoint")
+@click.argument("output_dir", type=click.Path(path_type=Path))
+@click.option(
+    "--preset",
+    type=click.Choice(["tiny", "bench", "bench-e8"]),
+    default="tiny",
+    show_default=True,
+    help="tiny: a few hundred KB; bench: DeepSeek-V3 architecture, 0.82B params (0.14B active), bf16; "
+    "bench-e8: the same active size with 8 routed experts.",
+)
+@click.option("--seed", type=int, default=0, show_default=True, help="Random seed of the weights.")
+@click.option(
+    "--dtype", type=click.Choice(["fp32", "bf16", "fp16"]), default=None, help="Stored dtype [default: the preset's]."
+)
+def make_checkpoint_cmd(output_dir: Path, preset: str, seed: int, dtype: str | None) -> None:
+    """Write a random-weight DeepSeek-architecture checkpoint (numpy only) to OUTPUT_DIR, for tests and benchmarks."""
+    from moeport.tools.checkpoints import make_checkpoint
+
+    if output_dir.exists() and any(output_dir.iterdir()):
+        raise click.UsageError(f"{output_dir} exists and is not empty")
+    t0 = time.perf_counter()
+    out = make_checkpoint(output_dir, preset, seed=seed, dtype=dtype)
+    size = sum(f.stat().st_size for f in out.iterdir())
+    click.echo(f"wrote {preset} checkpoint to {out} ({size / 1e6:.1f} MB) in {time.perf_counter() - t0:.1f}s")
+
+
+@main.command("bench")
+@click.argument("artifact_dir", type=click.Path(path_type=Path))
+@click.option("--backend", default="cpu", show_default=True, help="Backend to measure.")
+@click.option(
+    "--prompt-len",
+    type=click.IntRange(min=1),
+    default=128,
+    show_default=True,
+    help="Prompt tokens to prefill (random ids).",
+)
+@click.option(
+    "--new-tokens",
+    type=click.IntRange(min=0),
+    default=64,
+    show_default=True,
+    help="Tokens to decode after the prompt (greedy).",
+)
+@click.option("--threads", type=click.IntRange(min=1), default=None, help="CPU threads (default: all cores).")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+def bench_cmd(
+    artifact_dir: Path, backend: str, prompt_len: int, new_tokens: int, threads: int | None, as_json: bool
+) -> None:
+    """Measure prefill and decode tok/s, load seconds and peak RSS of ARTIFACT_DIR on a backend."""
+    from moeport.tools.bench import run_bench
+
+    try:
+        r = run_bench(artifact_dir, backend, prompt_len, new_tokens, threads)
+    except ValueError as exc:
+        if isinstance(exc, USER_ERRORS):
+            raise
+        raise click.UsageError(str(exc)) from exc
+    if as_json:
+        click.echo(json.dumps(r))
+        return
+    click.echo(f"{r['artifact']} on {r['backend']} (weights {r['weights']}, {r['weight_bytes'] / 1e6:.0f} MB)")
+    click.echo(f"  load     {r['load_seconds']:.2f} s")
+    click.echo(f"  prefill  {r['prefill_tokens_per_second']:.1f} tok/s ({r['prompt_len']} tokens)")
+    click.echo(
+        f"  decode   {r['decode_tokens_per_second']:.2f} tok/s ({r['new_tokens']} tokens, "
+        f"{r['decode_ms_per_token']:.1f} ms/token)"
+    )
+    click.echo(f"  peak RSS {r['peak_rss_mb']:.0f} MB")
+
+
 @main.command("demo")
 @click.option("--backend", default="auto", show_default=True, help="Backend to run on ('auto' = best available).")
 @click.option(

@@ -1,0 +1,56 @@
+"""The latent KV cache of one sequence: per-layer buffers that grow geometrically, written in place."""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+class LatentCache:
+    """``layers`` buffers of shape ``[1, capacity, dim]``; the first ``length`` rows are the sequence.
+
+    The graph returns only the new rows of each step; they are written into spare capacity, so a
+    decode step costs O(new rows), not O(context). Buffers double when full (amortized O(1)).
+    """
+
+    def __init__(self, layers: int, dim: int, dtype: np.dtype = np.float32, capacity: int = 16):
+        self.layers, self.dim, self.dtype = layers, dim, np.dtype(dtype)
+        self.buffers = [np.zeros((1, capacity, dim), self.dtype) for _ in range(layers)]
+        self.length = 0
+
+    @property
+    def capacity(self) -> int:
+        return self.buffers[0].shape[1]
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held by the sequence's rows (not counting spare capacity)."""
+        return self.layers * self.length * self.dim * self.dtype.itemsize
+
+    def views(self) -> list[np.ndarray]:
+        """The valid rows of each layer, ``[1, length, dim]``, as contiguous views (no copy)."""
+        return [buf[:, : self.length] for buf in self.buffers]
+
+    def append(self, rows: list[np.ndarray]) -> None:
+        """Write ``[1, n, dim]`` new rows per layer after the current ones."""
+        n = rows[0].shape[1]
+        need = self.length + n
+        if need > self.capacity:
+            capacity = max(need, 2 * self.capacity)
+            grown = []
+            for buf in self.buffers:
+                new = np.zeros((1, capacity, self.dim), self.dtype)
+                new[:, : self.length] = buf[:, : self.length]
+                grown.append(new)
+            self.buffers = grown
+        for buf, r in zip(self.buffers, rows, strict=True):
+            buf[:, self.length : need] = r
+        self.length = need
+
+    def truncate(self, length: int) -> None:
+        self.length = length
+
+    def copy(self) -> LatentCache:
+        other = LatentCache(self.layers, self.dim, self.dtype, capacity=max(self.length, 16))
+        if self.length:
+            other.append(self.views())
+        return other

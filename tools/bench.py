@@ -1,0 +1,70 @@
+"""`moeport bench`: prefill and decode speed, load time and peak memory of one artifact on one backend."""
+
+from __future__ import annotations
+
+import resource
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from moeport.runtime.model import load
+
+
+def peak_rss_mb() -> float:
+    """Peak resident set size of this process so far (MB)."""
+    kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return kb / 1024 if sys.platform != "darwin" else kb / 1024 / 1024
+
+
+def run_bench(
+    artifact: str | Path,
+    backend: str = "cpu",
+    prompt_len: int = 128,
+    new_tokens: int = 64,
+    threads: int | None = None,
+    seed: int = 0,
+    verify: bool = True,
+) -> dict[str, Any]:
+    """Load, prefill ``prompt_len`` random tokens, then greedily decode ``new_tokens``; one warm-up first."""
+    t0 = time.perf_counter()
+    model = load(artifact, backend=backend, threads=threads, verify=verify)
+    load_s = time.perf_counter() - t0
+    if prompt_len + new_tokens > model.max_seq_len:
+        raise ValueError(
+            f"prompt-len + new-tokens ({prompt_len + new_tokens}) exceeds the artifact's max sequence "
+            f"length {model.max_seq_len}"
+        )
+    rng = np.random.default_rng(seed)
+    prompt = rng.integers(2, model.vocab_size, size=prompt_len).tolist()
+
+    warm = model.session()  # first calls allocate buffers and pick kernels: keep them out of the numbers
+    warm.prefill(prompt[: min(8, prompt_len)])
+    warm.step(1)
+
+    s = model.session()
+    t1 = time.perf_counter()
+    logits = s.prefill(prompt)
+    prefill_s = time.perf_counter() - t1
+    token = int(np.argmax(logits))
+    t2 = time.perf_counter()
+    for _ in range(new_tokens):
+        token = int(np.argmax(s.step(token)))
+    decode_s = time.perf_counter() - t2
+    manifest = model.artifact.manifest
+    return {
+        "artifact": str(artifact),
+        "backend": model.backend_name,
+        "weights": manifest["weights"]["dtype"],
+        "weight_bytes": manifest["weights"]["bytes"],
+        "threads": threads,
+        "prompt_len": prompt_len,
+        "new_tokens": new_tokens,
+        "load_seconds": round(load_s, 3),
+        "prefill_tokens_per_second": round(prompt_len / prefill_s, 2),
+        "decode_tokens_per_second": round(new_tokens / decode_s, 2) if new_tokens else 0.0,
+        "decode_ms_per_token": round(1000 * decode_s / new_tokens, 3) if new_tokens else 0.0,
+        "peak_rss_mb": round(peak_rss_mb(), 1),
+    }
