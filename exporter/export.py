@@ -32,7 +32,9 @@ SIDE_FILES = (
     "special_tokens_map.json",
     "chat_template.jinja",
 )
-WEIGHT_CHOICES = tuple(STORAGE_DTYPES)
+QUANTIZED = {"int8": 8, "int4": 4}
+WEIGHT_CHOICES = (*STORAGE_DTYPES, *QUANTIZED)
+DEFAULT_BLOCK = {"int8": 128, "int4": 32}
 
 
 class ExportError(ValueError):
@@ -94,15 +96,24 @@ def export(
     max_seq_len: int | None = None,
     force: bool = False,
     progress: Callable[[int], Callable[[], None]] | None = None,
+    block_size: int | None = None,
 ) -> Path:
     """Export a Hugging Face DeepSeek checkpoint (a directory, or ``zoo:NAME``) to a moeport artifact directory.
 
-    ``weights`` picks the stored dtype (fp32/fp16/bf16; computed in float32). The output is written
+    ``weights`` picks the stored dtype (fp32/fp16/bf16; computed in float32) or weight-only block
+    quantization of every Linear (int8/int4, ``block_size`` values per scale along the input
+    dimension; other tensors are then stored as bf16). The output is written
     to a temporary directory beside ``output_dir`` and renamed into place only when complete.
     ``progress(total)`` may return a callback called once per checkpoint tensor read.
     """
     if weights not in WEIGHT_CHOICES:
         raise ExportError(f"--weights {weights!r} is not one of {', '.join(WEIGHT_CHOICES)}")
+    if block_size is not None and weights not in QUANTIZED:
+        raise ExportError(f"--block-size only applies to --weights int8/int4, not {weights}")
+    if weights in QUANTIZED:
+        block_size = block_size or DEFAULT_BLOCK[weights]
+        if block_size < 16 or block_size & (block_size - 1):
+            raise ExportError(f"--block-size {block_size} must be a power of two >= 16")
     try:
         src = zoo.resolve(checkpoint_dir)
     except zoo.ZooError as exc:
@@ -126,7 +137,7 @@ def export(
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
         tick = progress(tensor_count(cfg)) if progress else None
-        _write_artifact(cfg, ckpt, tmp, weights, max_seq_len, ignored, src, tick)
+        _write_artifact(cfg, ckpt, tmp, weights, block_size, max_seq_len, ignored, src, tick)
         if out.exists():
             shutil.rmtree(out)
         os.replace(tmp, out)
@@ -141,6 +152,7 @@ def _write_artifact(
     ckpt: Checkpoint,
     tmp: Path,
     weights: str,
+    block_size: int | None,
     max_seq_len: int,
     ignored: list[str],
     src: Path,
@@ -148,8 +160,10 @@ def _write_artifact(
 ) -> None:
     wf = WeightFile(tmp / WEIGHTS_FILE)
     try:
-        b = GraphBuilder(wf, storage=weights)
-        DeepseekGraph(cfg, b, lambda n: ckpt.read(n, cfg.fp8_block_size), tick).build()
+        quant = (QUANTIZED[weights], block_size) if weights in QUANTIZED else None
+        b = GraphBuilder(wf, storage="bf16" if quant else weights)
+        model_graph = DeepseekGraph(cfg, b, lambda n: ckpt.read(n, cfg.fp8_block_size), tick, quant=quant)
+        model_graph.build()
     finally:
         wf.close()
     model = b.model("moeport_deepseek", doc=f"{cfg.model_type} exported by moeport {__version__}")
@@ -169,7 +183,12 @@ def _write_artifact(
         "format_version": FORMAT_VERSION,
         "producer": f"moeport {__version__}",
         "model": {"config": cfg.to_dict(), "source": str(src.resolve()), "ignored_tensors": ignored},
-        "weights": {"dtype": weights, "compute_dtype": "float32", "bytes": wf.nbytes},
+        "weights": {
+            "dtype": weights,
+            "compute_dtype": "float32",
+            "bytes": wf.nbytes,
+            **({"block_size": block_size, "unquantized": model_graph.unquantized} if quant else {}),
+        },
         "max_seq_len": max_seq_len,
         "graph": {
             "file": GRAPH_FILE,

@@ -17,6 +17,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from . import ops
+
 OPSET = 18
 ALIGN = 4096
 
@@ -32,6 +34,7 @@ _ONNX_TYPES = {
     np.dtype(np.int64): TensorProto.INT64,
     np.dtype(np.int32): TensorProto.INT32,
     np.dtype(np.bool_): TensorProto.BOOL,
+    np.dtype(np.uint8): TensorProto.UINT8,
 }
 
 
@@ -96,7 +99,7 @@ class GraphBuilder:
         self._scope: list[str] = []
         self._counter = 0
         self._consts: dict[tuple, str] = {}
-        self._fp32_views: dict[str, str] = {}
+        self.functions: dict[str, onnx.FunctionProto] = {}
         self.on_weight: Callable[[str, np.ndarray], None] | None = None
 
     # -- naming -------------------------------------------------------------------------------
@@ -158,14 +161,22 @@ class GraphBuilder:
         cast: bool = True,
     ) -> str:
         """Like :meth:`weight` for a tensor made of consecutive parts, each produced (and freed) in turn."""
+        dtype = np.dtype(np.float32) if keep_fp32 else self.storage
+        self.tensor(name, [lambda make=make: np.asarray(make(), dtype=np.float32) for make in parts], shape, dtype)
+        if dtype == np.float32 or not cast:
+            return name
+        return self.Cast(name, to=TensorProto.FLOAT)
+
+    def tensor(self, name: str, parts: list[Callable[[], np.ndarray]], shape: tuple[int, ...], dtype: Any) -> str:
+        """Store a tensor of exactly ``dtype`` (e.g. uint8 codes), streamed part by part."""
         if name in self._names:
             raise ValueError(f"weight {name!r} added twice")
         self._names.add(name)
-        dtype = np.dtype(np.float32) if keep_fp32 else self.storage
+        dtype = np.dtype(dtype)
 
         def stored_parts() -> Iterator[np.ndarray]:
             for make in parts:
-                part = np.asarray(make(), dtype=np.float32).astype(dtype, copy=False)
+                part = np.asarray(make()).astype(dtype, copy=False)
                 if self.on_weight:
                     self.on_weight(name, part)
                 yield part
@@ -175,9 +186,38 @@ class GraphBuilder:
             self.initializers.append(_raw_proto(full, name))
         else:
             self.initializers.append(self.weights.write_parts(name, stored_parts(), shape, dtype))
-        if dtype == np.float32 or not cast:
-            return name
-        return self.Cast(name, to=TensorProto.FLOAT)
+        return name
+
+    def call(self, function: onnx.FunctionProto, *inputs: str) -> str:
+        """A node running one of moeport's own operators (registered once with its reference body)."""
+        self.functions.setdefault(function.name, function)
+        return self.op(function.name, *inputs, domain=function.domain)
+
+    # moeport's operators (see exporter/ops.py for their definitions)
+    quantize_blocks = staticmethod(ops.quantize_blocks)
+
+    def qlinear(self, x: str, codes: str, scales: str, bits: int, block: int) -> str:
+        name = f"QLinear_b{bits}_bs{block}"
+        return self.call(self.functions.get(name) or ops.qlinear_function(name, bits, block), x, codes, scales)
+
+    def moe(self, x: str, idx: str, weights: str, gate_up: str, down: str) -> str:
+        return self.call(self.functions.get("MoE") or ops.moe_function("MoE"), x, idx, weights, gate_up, down)
+
+    def qmoe(
+        self,
+        x: str,
+        idx: str,
+        weights: str,
+        gu_codes: str,
+        gu_scales: str,
+        down_codes: str,
+        down_scales: str,
+        bits: int,
+        block: int,
+    ) -> str:
+        name = f"QMoE_b{bits}_bs{block}"
+        fn = self.functions.get(name) or ops.qmoe_function(name, bits, block)
+        return self.call(fn, x, idx, weights, gu_codes, gu_scales, down_codes, down_scales)
 
     # -- graph I/O ----------------------------------------------------------------------------
     def input(self, name: str, elem_type: int, shape: list[Any]) -> str:
@@ -190,7 +230,12 @@ class GraphBuilder:
 
     def model(self, graph_name: str, doc: str = "") -> onnx.ModelProto:
         graph = helper.make_graph(self.nodes, graph_name, self.inputs, self.outputs, self.initializers)
-        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="moeport")
+        opsets = [helper.make_opsetid("", OPSET)]
+        domains = sorted({f.domain for f in self.functions.values()})
+        opsets += [helper.make_opsetid(d, 1) for d in domains]
+        model = helper.make_model(
+            graph, opset_imports=opsets, producer_name="moeport", functions=list(self.functions.values())
+        )
         model.ir_version = 8
         model.doc_string = doc
         return model

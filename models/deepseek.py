@@ -131,9 +131,19 @@ def _mscale(scale: float, mscale: float = 1.0) -> float:
 class DeepseekGraph:
     """Emits the DeepSeek forward pass into a :class:`GraphBuilder`, reading weights as it goes."""
 
-    def __init__(self, cfg: DeepseekConfig, b: GraphBuilder, read: Reader, on_tensor: Callable[[], None] | None = None):
+    def __init__(
+        self,
+        cfg: DeepseekConfig,
+        b: GraphBuilder,
+        read: Reader,
+        on_tensor: Callable[[], None] | None = None,
+        quant: tuple[int, int] | None = None,
+    ):
+        """``quant`` = (bits, block_size) stores every Linear's weight block-quantized (weight-only)."""
         self.cfg, self.b, self._read = cfg, b, read
         self._tick = on_tensor or (lambda: None)
+        self.quant = quant
+        self.unquantized: list[str] = []  # Linear weights whose in-dimension the block size does not divide
 
     def read(self, name: str) -> np.ndarray:
         arr = self._read(name)
@@ -145,9 +155,21 @@ class DeepseekGraph:
         arr = self.read(name)
         return self.b.weight(name, transform(arr) if transform else arr, keep_fp32=keep_fp32, cast=cast)
 
-    def linear(self, x: str, name: str) -> str:
+    def linear(self, x: str, name: str, min_bits: int = 0) -> str:
         """``x @ W^T`` with W in the checkpoint's [out, in] layout; x is 2-D [tokens, in]."""
-        return self.b.Gemm(x, self.weight(name), transB=1)
+        b = self.b
+        if self.quant is None:
+            return b.Gemm(x, self.weight(name), transB=1)
+        bits, block = max(self.quant[0], min_bits), self.quant[1]
+        w = self.read(name)
+        if w.shape[1] % block:
+            self.unquantized.append(name)
+            return b.Gemm(x, b.weight(name, w), transB=1)
+        codes, scales = b.quantize_blocks(w, bits, block)
+        del w
+        c = b.tensor(name + ".codes", [lambda: codes], codes.shape, np.uint8)
+        sc = b.tensor(name + ".scales", [lambda: scales], scales.shape, np.float32)
+        return b.qlinear(x, c, sc, bits, block)
 
     def rms_norm(self, x: str, name: str) -> str:
         b = self.b
@@ -281,33 +303,47 @@ class DeepseekGraph:
         return b.Cast(b.Reshape(expert_mask, b.const([-1, cfg.n_routed_experts], i64)), to=TensorProto.BOOL)
 
     def moe(self, x: str, layer: int) -> str:
-        """Reference (dense) DeepSeekMoE: every expert computed, weighted by a sparse routing matrix."""
+        """DeepSeekMoE: routing in plain ops, then moeport's MoE operator over the routed experts only."""
         cfg, b = self.cfg, self.b
-        i64 = np.int64
         m = f"model.layers.{layer}.mlp."
-        idx, weights, logits = self.route(x, m)
-        zeros = b.ConstantOfShape(b.Shape(logits), value=_tensor_1(0.0))
-        route = b.ScatterElements(zeros, idx, weights, axis=1)  # [N, E]
+        idx, weights, _ = self.route(x, m)
         e, h, inter = cfg.n_routed_experts, cfg.hidden_size, cfg.moe_intermediate_size
 
-        def stacked(proj: str, shape: tuple[int, int]) -> str:
-            """Experts' [out, in] weights stacked and transposed to [E, in, out], one expert at a time."""
-            parts = [lambda j=j: self.read(f"{m}experts.{j}.{proj}.weight").T for j in range(e)]
-            return b.weight_stack(f"{m}experts.{proj}.weight", parts, (e, *shape))
+        def gate_up(j: int) -> np.ndarray:  # [2I, H], gate and up rows interleaved
+            gate, up = self.read(f"{m}experts.{j}.gate_proj.weight"), self.read(f"{m}experts.{j}.up_proj.weight")
+            return np.stack([gate, up], axis=1).reshape(2 * inter, h)
 
-        w_gate, w_up, w_down = (
-            stacked("gate_proj", (h, inter)),
-            stacked("up_proj", (h, inter)),
-            stacked("down_proj", (inter, h)),
-        )
-        xe = b.Unsqueeze(x, b.const([0], i64))  # [1, N, H]
-        act = b.Mul(self.silu(b.MatMul(xe, w_gate)), b.MatMul(xe, w_up))  # [E, N, I]
-        y = b.MatMul(act, w_down)  # [E, N, H]
-        route_t = b.Unsqueeze(b.Transpose(route, perm=[1, 0]), b.const([2], i64))  # [E, N, 1]
-        out = b.ReduceSum(b.Mul(y, route_t), b.const([0], i64), keepdims=0)
+        gu_parts = [lambda j=j: gate_up(j) for j in range(e)]
+        down_parts = [lambda j=j: self.read(f"{m}experts.{j}.down_proj.weight") for j in range(e)]
+        if self.quant and h % self.quant[1] == 0 and inter % self.quant[1] == 0:
+            bits, block = self.quant
+            gu = self._quantized_stack(f"{m}experts.gate_up", gu_parts, (e, 2 * inter, h))
+            down = self._quantized_stack(f"{m}experts.down", down_parts, (e, h, inter))
+            out = b.qmoe(x, idx, weights, *gu, *down, bits=bits, block=block)
+        else:
+            if self.quant:
+                self.unquantized.append(f"{m}experts")
+            gu = b.weight_stack(f"{m}experts.gate_up.weight", gu_parts, (e, 2 * inter, h))
+            down = b.weight_stack(f"{m}experts.down.weight", down_parts, (e, h, inter))
+            out = b.moe(x, idx, weights, gu, down)
         if cfg.n_shared_experts:
             out = b.Add(out, self.mlp(x, m + "shared_experts."))
         return out
+
+    def _quantized_stack(self, name: str, parts, shape: tuple[int, int, int]) -> tuple[str, str]:
+        """Quantize [E, N, K] expert by expert: codes streamed to disk, the (small) scales written after."""
+        bits, block = self.quant
+        e, n, k = shape
+        scales: list[np.ndarray] = []
+
+        def codes(make) -> np.ndarray:
+            c, s = self.b.quantize_blocks(make(), bits, block)
+            scales.append(s)
+            return c
+
+        c = self.b.tensor(name + ".codes", [lambda mk=mk: codes(mk) for mk in parts], (e, n, k * bits // 8), np.uint8)
+        sc = self.b.tensor(name + ".scales", [lambda: np.stack(scales)], (e, n, k // block), np.float32)
+        return c, sc
 
     # -- whole model --------------------------------------------------------------------------
     def build(self) -> None:
@@ -342,9 +378,9 @@ class DeepseekGraph:
         x = self.rms_norm(b.Reshape(x, b.const([-1, h], i64)), "model.norm.weight")
         if cfg.tie_word_embeddings:
             head = embed if b.storage == np.float32 else b.Cast(embed, to=fp)
-        else:
-            head = self.weight("lm_head.weight")
-        logits = b.Gemm(x, head, transB=1)
+            logits = b.Gemm(x, head, transB=1)
+        else:  # the output layer is kept at 8 bits or more, as llama.cpp does for its 4-bit types
+            logits = self.linear(x, "lm_head.weight", min_bits=8)
         batch = b.Slice(ctx["bs"], b.const([0], i64), b.const([1], i64))
         logits = b.Reshape(logits, b.Concat(batch, b.const([-1, cfg.vocab_size], i64), axis=0))
         b.output(logits, "logits", fp, ["batch", "kept", cfg.vocab_size])

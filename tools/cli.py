@@ -74,7 +74,8 @@ def _progress(desc: str):
     type=click.Choice(WEIGHT_CHOICES),
     default="fp32",
     show_default=True,
-    help="Storage dtype of the weights in the artifact (computed in float32 where a backend lacks kernels).",
+    help="Weights in the artifact: fp32/fp16/bf16 storage (computed in float32 where a backend lacks kernels), "
+    "or int8/int4 block-wise weight-only quantization of every Linear.",
 )
 @click.option(
     "--max-seq-len",
@@ -82,10 +83,23 @@ def _progress(desc: str):
     default=None,
     help="Longest sequence (prompt + generated) the artifact accepts. Default: max_position_embeddings.",
 )
+@click.option(
+    "--block-size",
+    type=int,
+    default=None,
+    help="With int8/int4: weights per quantization scale along the input dimension "
+    "(power of two >= 16) [default: 128 for int8, 32 for int4].",
+)
 @click.option("--force", is_flag=True, help="Replace OUTPUT_DIR if it exists and is not empty.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def export_cmd(
-    checkpoint_dir: Path, output_dir: Path, weights: str, max_seq_len: int | None, force: bool, quiet: bool
+    checkpoint_dir: Path,
+    output_dir: Path,
+    weights: str,
+    max_seq_len: int | None,
+    force: bool,
+    quiet: bool,
+    block_size: int | None,
 ) -> None:
     """Export a Hugging Face DeepSeek CHECKPOINT_DIR (safetensors, incl. FP8) to an artifact in OUTPUT_DIR.
 
@@ -99,6 +113,7 @@ def export_cmd(
         max_seq_len=max_seq_len,
         force=force,
         progress=None if quiet else _progress("exporting"),
+        block_size=block_size,
     )
     art = read_artifact(out, verify=False)
     size = sum(f["size"] for f in art.manifest["files"].values())

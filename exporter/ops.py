@@ -1,0 +1,168 @@
+"""moeport's own operators (domain ``ai.moeport``), each with a reference decomposition in standard ONNX.
+
+The artifact stays backend-neutral: a backend either keeps the reference (ONNX Runtime inlines the
+model-local functions; other importers can inline them with ``onnx.inliner``) or rewrites the node
+into its fast form (the cpu backend maps ``QLinear`` to ``com.microsoft.MatMulNBits`` and ``MoE`` /
+``QMoE`` to ONNX Runtime's fused MoE kernels), reading the same weight bytes.
+
+Operators (``x`` is ``[tokens, in]``):
+
+``QLinear(x, codes, scales) -> [tokens, out]``
+    ``y = x @ W^T`` with W ``[out, in]`` quantized symmetrically per block of ``block_size`` along
+    ``in``: ``W[n, k] = (code[n, k] - 2^(bits-1)) * scales[n, k // block_size]``. ``codes`` is uint8
+    ``[out, in * bits / 8]``; 4-bit codes are packed two per byte, the even ``k`` in the low nibble
+    (the ONNX uint4 / MatMulNBits layout).
+
+``MoE(x, expert_idx, expert_weights, gate_up, down) -> [tokens, hidden]``
+    Routed experts only: ``sum_j w[t, j] * down_e(silu(gate_e(x_t)) * up_e(x_t))`` with
+    ``e = expert_idx[t, j]``. ``gate_up`` is ``[E, 2 * inter, hidden]`` with gate and up rows
+    interleaved (row ``2i`` is gate row ``i``, row ``2i + 1`` up row ``i``), ``down`` is
+    ``[E, hidden, inter]``. The reference gathers the chosen experts' weights, so it reads no other
+    expert (and a token's result does not depend on the other tokens).
+
+``QMoE(x, expert_idx, expert_weights, gate_up_codes, gate_up_scales, down_codes, down_scales)``
+    The same with both expert weights quantized as in ``QLinear``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper
+
+DOMAIN = "ai.moeport"
+OPSET = 18
+
+
+def quantize_blocks(w: np.ndarray, bits: int, block_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Symmetric block quantization of ``w`` [..., K] along K: (uint8 codes [..., K*bits/8], scales [..., K/bs]).
+
+    Each block's scale is chosen among a few candidates around absmax/qmax to minimise the squared
+    error (as llama.cpp's quantizers do), which matters most at 4 bits.
+    """
+    *lead, k = w.shape
+    if k % block_size:
+        raise ValueError(f"in-dimension {k} is not a multiple of block size {block_size}")
+    qmax = 2 ** (bits - 1) - 1
+    blocks = w.reshape(*lead, k // block_size, block_size).astype(np.float32)
+    amax = np.abs(blocks).max(axis=-1, keepdims=True)
+    amax = np.where(amax == 0, 1.0, amax)
+    best_scale, best_err = None, None
+    for f in (1.0, 0.95, 0.9, 0.85, 0.8) if bits == 4 else (1.0,):
+        scale = amax * f / qmax
+        q = np.clip(np.round(blocks / scale), -qmax - 1, qmax)
+        err = ((q * scale - blocks) ** 2).sum(axis=-1, keepdims=True)
+        if best_err is None:
+            best_scale, best_err = scale, err
+        else:
+            better = err < best_err
+            best_scale, best_err = np.where(better, scale, best_scale), np.minimum(err, best_err)
+    q = np.clip(np.round(blocks / best_scale), -qmax - 1, qmax).astype(np.int16) + 2 ** (bits - 1)
+    codes = q.reshape(*lead, k).astype(np.uint8)
+    if bits == 4:
+        codes = (codes[..., 0::2] | (codes[..., 1::2] << 4)).astype(np.uint8)
+    return codes, best_scale[..., 0].astype(np.float32)
+
+
+def dequantize_blocks(codes: np.ndarray, scales: np.ndarray, bits: int, block_size: int) -> np.ndarray:
+    """Inverse of :func:`quantize_blocks` (numpy; for tests and checks)."""
+    if bits == 4:
+        codes = np.stack([codes & 15, codes >> 4], axis=-1).reshape(*codes.shape[:-1], -1)
+    q = codes.astype(np.float32) - 2 ** (bits - 1)
+    *lead, k = q.shape
+    return (q.reshape(*lead, k // block_size, block_size) * scales[..., None]).reshape(*lead, k)
+
+
+class _Body:
+    """Collects the nodes of a function body (constants become Constant nodes)."""
+
+    def __init__(self, prefix: str):
+        self.nodes: list[onnx.NodeProto] = []
+        self.prefix = prefix
+        self.n = 0
+
+    def __call__(self, op: str, *inputs: str, outputs: int = 1, **attrs) -> str | list[str]:
+        outs = [f"{self.prefix}_{op}_{self.n}_{i}" for i in range(outputs)]
+        self.n += 1
+        self.nodes.append(helper.make_node(op, list(inputs), outs, **attrs))
+        return outs[0] if outputs == 1 else outs
+
+    def const(self, value, dtype=np.int64) -> str:
+        arr = np.asarray(value, dtype=dtype)
+        return self("Constant", value=onnx.numpy_helper.from_array(arr))
+
+
+def _dequantize(f: _Body, codes: str, scales: str, bits: int, block_size: int) -> str:
+    """codes [..., K*bits/8] uint8, scales [..., K/bs] -> float weights [..., K]."""
+    if bits == 4:
+        lo = f("BitwiseAnd", codes, f.const(15, np.uint8))
+        hi = f("BitShift", codes, f.const(4, np.uint8), direction="RIGHT")
+        last = f.const([-1])
+        pairs = f("Concat", f("Unsqueeze", lo, last), f("Unsqueeze", hi, last), axis=-1)  # [..., K/2, 2]
+        shape = f("Concat", f("Slice", f("Shape", codes), f.const([0]), f.const([-1])), f.const([-1]), axis=0)
+        codes = f("Reshape", pairs, shape)  # [..., K]
+    q = f("Sub", f("Cast", codes, to=TensorProto.FLOAT), f.const(2.0 ** (bits - 1), np.float32))
+    lead = f("Shape", scales)  # [..., K/bs]
+    blocked = f("Reshape", q, f("Concat", lead, f.const([block_size]), axis=0))
+    w = f("Mul", blocked, f("Unsqueeze", scales, f.const([-1])))
+    return f("Reshape", w, f("Concat", f("Slice", lead, f.const([0]), f.const([-1])), f.const([-1]), axis=0))
+
+
+def qlinear_function(name: str, bits: int, block_size: int) -> onnx.FunctionProto:
+    f = _Body("ql")
+    w = _dequantize(f, "codes", "scales", bits, block_size)
+    f.nodes.append(helper.make_node("Gemm", ["x", w], ["y"], transB=1))
+    return helper.make_function(
+        DOMAIN, name, ["x", "codes", "scales"], ["y"], f.nodes, [helper.make_opsetid("", OPSET)]
+    )
+
+
+def _experts(f: _Body, gate_up: str, down: str) -> list[onnx.NodeProto]:
+    """The chosen experts' weights (gate_up [N*k, 2I, H], down [N*k, H, I]) -> weighted sum per token."""
+    flat_shape = f(
+        "Concat", f.const([-1]), f("Slice", f("Shape", "x"), f.const([1]), f.const([2])), f.const([1]), axis=0
+    )  # [-1, H, 1]
+    k = f("Slice", f("Shape", "expert_idx"), f.const([1]), f.const([2]))
+    n = f("Slice", f("Shape", "x"), f.const([0]), f.const([1]))
+    xk = f("Expand", f("Unsqueeze", "x", f.const([1])), f("Concat", n, k, f.const([1]), axis=0))  # [N, k, H]
+    h = f("MatMul", gate_up, f("Reshape", xk, flat_shape))  # [N*k, 2I, 1]
+    two_i = f("Slice", f("Shape", h), f.const([1]), f.const([2]))
+    gate = f("Slice", h, f.const([0]), two_i, f.const([1]), f.const([2]))
+    up = f("Slice", h, f.const([1]), two_i, f.const([1]), f.const([2]))
+    act = f("Mul", f("Mul", gate, f("Sigmoid", gate)), up)  # [N*k, I, 1]
+    y = f("Reshape", f("MatMul", down, act), f("Concat", n, k, f.const([-1]), axis=0))  # [N, k, H]
+    y = f("Mul", y, f("Unsqueeze", "expert_weights", f.const([-1])))
+    f.nodes.append(helper.make_node("ReduceSum", [y, f.const([1])], ["y"], keepdims=0))
+    return f.nodes
+
+
+def moe_function(name: str) -> onnx.FunctionProto:
+    f = _Body("moe")
+    flat = f("Reshape", "expert_idx", f.const([-1]))
+    nodes = _experts(f, f("Gather", "gate_up", flat, axis=0), f("Gather", "down", flat, axis=0))
+    return helper.make_function(
+        DOMAIN,
+        name,
+        ["x", "expert_idx", "expert_weights", "gate_up", "down"],
+        ["y"],
+        nodes,
+        [helper.make_opsetid("", OPSET)],
+    )
+
+
+def qmoe_function(name: str, bits: int, block_size: int) -> onnx.FunctionProto:
+    f = _Body("qmoe")
+    flat = f("Reshape", "expert_idx", f.const([-1]))
+
+    def chosen(codes: str, scales: str) -> str:  # only the chosen experts are dequantized
+        return _dequantize(f, f("Gather", codes, flat, axis=0), f("Gather", scales, flat, axis=0), bits, block_size)
+
+    nodes = _experts(f, chosen("gate_up_codes", "gate_up_scales"), chosen("down_codes", "down_scales"))
+    return helper.make_function(
+        DOMAIN,
+        name,
+        ["x", "expert_idx", "expert_weights", "gate_up_codes", "gate_up_scales", "down_codes", "down_scales"],
+        ["y"],
+        nodes,
+        [helper.make_opsetid("", OPSET)],
+    )
