@@ -6,6 +6,7 @@ import json
 import subprocess
 import sys
 
+import pytest
 from click.testing import CliRunner
 
 from moeport.tools.cli import main
@@ -105,3 +106,95 @@ def test_help_explains_every_flag():
     r = CliRunner().invoke(main, ["export", "--help"])
     for flag in ("--weights", "--max-seq-len", "--force"):
         assert flag in r.output
+
+
+# -- text generation from the command line ------------------------------------------------------
+
+
+def test_run_streams_text_and_json_has_the_parts(text_artifact):
+    runner = CliRunner()
+    args = [
+        "run",
+        str(text_artifact),
+        "--prompt",
+        "hi",
+        "--max-new-tokens",
+        "12",
+        "--ignore-eos",
+        "--seed",
+        "3",
+        "--temperature",
+        "0.8",
+        "--top-p",
+        "0.9",
+        "--top-k",
+        "50",
+    ]
+    streamed = runner.invoke(main, args)
+    assert streamed.exit_code == 0, streamed.output
+    as_json = json.loads(runner.invoke(main, [*args, "--json"]).output)
+    assert len(as_json["tokens"]) == 12
+    assert as_json["reasoning"] is None and as_json["content"] == as_json["text"].strip()
+    assert streamed.output.startswith(as_json["text"].rstrip())  # same seed, same text, streamed
+
+
+def test_run_chat_uses_the_template(text_artifact):
+    r = CliRunner().invoke(
+        main, ["run", str(text_artifact), "--prompt", "hi", "--chat", "--max-new-tokens", "3", "--json"]
+    )
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.output)["prompt_tokens"] == len("<bos>") // 5 + len("[user]hi[assistant]")
+
+
+def test_stop_flag(text_artifact):
+    runner = CliRunner()
+    base = ["run", str(text_artifact), "--prompt", "hi", "--max-new-tokens", "30", "--ignore-eos", "--json"]
+    full = json.loads(runner.invoke(main, base).output)["text"]
+    stop = next(full[i : i + 2] for i in range(4, len(full)) if "\ufffd" not in full[i : i + 2])
+    cut = json.loads(runner.invoke(main, [*base, "--stop", stop]).output)
+    assert cut["finish_reason"] == "stop" and cut["text"] == full[: full.index(stop)]
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--temperature", "-1"], "temperature must be >= 0"),
+        (["--top-p", "0"], "top_p must be in (0, 1]"),
+        (["--top-k", "-2"], "top_k must be an integer >= 0"),
+        (["--seed", "abc"], "'abc' is not a valid integer"),
+        (["--stop", ""], "stop strings must be non-empty"),
+    ],
+)
+def test_bad_sampling_flags(text_artifact, args, message):
+    r = CliRunner().invoke(main, ["run", str(text_artifact), "--prompt", "hi", *args])
+    assert r.exit_code != 0 and message in r.output and "Traceback" not in r.output
+
+
+def test_chat_flag_without_a_template_is_refused(text_artifact, tmp_path):
+    import shutil
+
+    art = shutil.copytree(text_artifact, tmp_path / "art")
+    cfg = json.loads((art / "tokenizer_config.json").read_text())
+    del cfg["chat_template"]
+    (art / "tokenizer_config.json").write_text(json.dumps(cfg))
+    m = json.loads((art / "manifest.json").read_text())  # keep the checksums honest for the edited file
+    from moeport.exporter.manifest import sha256_file
+
+    m["files"]["tokenizer_config.json"] = {
+        "sha256": sha256_file(art / "tokenizer_config.json"),
+        "size": (art / "tokenizer_config.json").stat().st_size,
+    }
+    (art / "manifest.json").write_text(json.dumps(m))
+    for cmd in (["run", str(art), "--prompt", "hi", "--chat"], ["chat", str(art)]):
+        r = CliRunner().invoke(main, cmd, input="hello\n")
+        assert r.exit_code != 0 and "no chat template" in r.output, r.output
+
+
+def test_interactive_chat_keeps_history_and_reuses_the_cache(text_artifact):
+    r = CliRunner().invoke(
+        main,
+        ["chat", str(text_artifact), "--max-new-tokens", "4", "--ignore-eos"],
+        input="hello\nsecond turn\n/reset\nagain\n/exit\n",
+    )
+    assert r.exit_code == 0, r.output
+    assert "(conversation cleared)" in r.output

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import BOS, EOS
 
 from moeport.exporter import export
 from moeport.runtime import (
@@ -21,48 +22,8 @@ from moeport.runtime import (
     load,
 )
 from moeport.runtime.text import IncrementalDetokenizer, StopStringMatcher, Tokenizer
-from moeport.tools.checkpoints import make_checkpoint
 
 PROMPTS = [[3, 14, 15, 92, 65, 35, 89, 79], [2, 71, 82], [1, 41, 42, 13, 56, 23, 9, 9, 9, 17, 100, 5], [7]]
-BYTE_VOCAB = 256
-BOS, EOS = "<bos>", "<eos>"
-
-
-def write_byte_tokenizer(directory: Path, chat_template: str | None = None) -> None:
-    """A byte-level tokenizer: one token per byte, so multibyte characters span several tokens."""
-    from tokenizers import Tokenizer as HFTokenizer
-    from tokenizers import decoders, models, pre_tokenizers
-
-    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
-    tok = HFTokenizer(models.BPE(vocab={c: i for i, c in enumerate(alphabet)}, merges=[]))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
-    tok.decoder = decoders.ByteLevel()
-    tok.add_special_tokens([BOS, EOS])
-    tok.save(str(directory / "tokenizer.json"))
-    cfg = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": BOS, "eos_token": EOS, "add_bos_token": True}
-    if chat_template:
-        cfg["chat_template"] = chat_template
-    (directory / "tokenizer_config.json").write_text(json.dumps(cfg))
-
-
-@pytest.fixture(scope="module")
-def text_artifact(tmp_path_factory) -> Path:
-    """The numpy tiny model with a 258-token vocabulary and the byte-level tokenizer."""
-    root = tmp_path_factory.mktemp("text")
-    ckpt = make_checkpoint(
-        root / "ckpt",
-        "tiny",
-        seed=3,
-        overrides={"vocab_size": BYTE_VOCAB + 2, "eos_token_id": 257, "bos_token_id": 256},
-    )
-    write_byte_tokenizer(
-        ckpt,
-        chat_template="{{ bos_token }}{% for m in messages %}[{{ m.role }}]{{ m.content }}"
-        "{% endfor %}{% if add_generation_prompt %}[assistant]{% endif %}",
-    )
-    return export(ckpt, root / "art")
-
-
 # -- batching, threads, fork ---------------------------------------------------------------------
 
 
