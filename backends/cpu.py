@@ -11,7 +11,10 @@ weight bytes from the artifact's external data (nothing is copied or re-quantize
 - ``QMoE`` (quantized experts) -> ``com.microsoft.QMoE`` with ``router_weights``: selection and
   weighting are given separately, as DeepSeek's grouped, biased routing needs.
 
-``options["reference"] = True`` keeps the reference decompositions instead (for checking).
+Options: ``threads``; ``accuracy_level`` of the quantized kernels (4, the default, lets them quantize
+activations to int8 per block on the fly as llama.cpp's Q4/Q8 dot products do — on this CPU class
+the fast int8/int4 kernels exist only in that mode; 0 keeps float32 activations, exact but far
+slower at 8 bits); ``reference=True`` keeps the reference decompositions instead (for checking).
 """
 
 from __future__ import annotations
@@ -72,7 +75,7 @@ class CpuBackend:
         so.add_session_config_entry("session.model_external_initializers_file_folder_path", str(artifact.directory))
         model = onnx.load(str(artifact.graph_path), load_external_data=False)
         if not options.get("reference"):
-            rewrite_for_ort(model, accuracy_level=int(options.get("accuracy_level", 0)))
+            rewrite_for_ort(model, accuracy_level=int(options.get("accuracy_level", 4)))
         try:
             session = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
         except Exception as exc:
@@ -90,7 +93,7 @@ def _reshaped(tensor: TensorProto, name: str, dims: list[int]) -> TensorProto:
     return out
 
 
-def rewrite_for_ort(model: onnx.ModelProto, accuracy_level: int = 0) -> None:
+def rewrite_for_ort(model: onnx.ModelProto, accuracy_level: int = 4) -> None:
     """Replace moeport's operators by ONNX Runtime's fused CPU kernels, in place."""
     graph = model.graph
     inits = {t.name: t for t in graph.initializer}

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -68,17 +69,71 @@ class Artifact:
             return self.directory / name
         return None
 
-    def verify(self) -> None:
-        """Check every file's sha256 against the manifest (raises :class:`ArtifactError`)."""
+    def verify(self, use_cache: bool = True) -> None:
+        """Check every file's sha256 against the manifest (raises :class:`ArtifactError`).
+
+        With ``use_cache``, a file whose size, mtime and inode are unchanged since it last hashed
+        correctly on this machine is not hashed again (as git's index does), so loading a large
+        artifact does not re-read gigabytes; any write to the file changes its mtime and forces a
+        full check. ``moeport inspect`` always hashes everything.
+        """
+        cache = _VerifiedCache() if use_cache else None
         for name, meta in self.manifest["files"].items():
             path = self.directory / name
             if not path.is_file():
                 raise ArtifactError(f"{self.directory}: file {name} listed in {MANIFEST} is missing")
-            if path.stat().st_size != meta["size"] or sha256_file(path) != meta["sha256"]:
+            st = path.stat()
+            if st.st_size != meta["size"]:
+                raise ArtifactError(
+                    f"{self.directory}: size of {name} does not match {MANIFEST} (damaged or "
+                    "truncated; re-export the artifact)"
+                )
+            if cache is not None and cache.known(path, st, meta["sha256"]):
+                continue
+            if sha256_file(path) != meta["sha256"]:
                 raise ArtifactError(
                     f"{self.directory}: checksum of {name} does not match {MANIFEST} "
                     "(the file was modified or damaged; re-export the artifact)"
                 )
+            if cache is not None:
+                cache.remember(path, st, meta["sha256"])
+        if cache is not None:
+            cache.save()
+
+
+class _VerifiedCache:
+    """sha256s already checked on this machine, keyed by path, size, mtime and inode."""
+
+    def __init__(self) -> None:
+        root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+        self.path = root / "moeport" / "verified.json"
+        try:
+            self.entries: dict[str, list] = json.loads(self.path.read_text())
+        except (OSError, ValueError):
+            self.entries = {}
+        self.dirty = False
+
+    @staticmethod
+    def _stamp(st: os.stat_result, sha: str) -> list:
+        return [st.st_size, st.st_mtime_ns, st.st_ino, sha]
+
+    def known(self, path: Path, st: os.stat_result, sha: str) -> bool:
+        return self.entries.get(str(path.resolve())) == self._stamp(st, sha)
+
+    def remember(self, path: Path, st: os.stat_result, sha: str) -> None:
+        self.entries[str(path.resolve())] = self._stamp(st, sha)
+        self.dirty = True
+
+    def save(self) -> None:
+        if not self.dirty:
+            return
+        try:  # best effort: a read-only home only costs re-hashing next time
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = self.path.with_suffix(f".tmp{os.getpid()}")
+            tmp.write_text(json.dumps(self.entries))
+            os.replace(tmp, self.path)
+        except OSError:
+            pass
 
 
 def read_artifact(directory: str | Path, verify: bool = True) -> Artifact:

@@ -172,11 +172,11 @@ class DeepseekGraph:
         return b.qlinear(x, c, sc, bits, block)
 
     def rms_norm(self, x: str, name: str) -> str:
+        """``w * x / sqrt(mean(x^2) + eps)``, in the op pattern runtimes fuse into one RMSNorm kernel."""
         b = self.b
         w = self.weight(name, keep_fp32=True)
-        var = b.ReduceMean(b.Mul(x, x), b.const([-1], np.int64), keepdims=1)
-        inv = b.Reciprocal(b.Sqrt(b.Add(var, b.const(self.cfg.rms_norm_eps, np.float32))))
-        return b.Mul(w, b.Mul(x, inv))
+        var = b.ReduceMean(b.Pow(x, b.const(2.0, np.float32)), b.const([-1], np.int64), keepdims=1)
+        return b.Mul(w, b.Div(x, b.Sqrt(b.Add(var, b.const(self.cfg.rms_norm_eps, np.float32)))))
 
     def silu(self, x: str) -> str:
         return self.b.Mul(x, self.b.Sigmoid(x))

@@ -26,11 +26,13 @@ def run_bench(
     new_tokens: int = 64,
     threads: int | None = None,
     seed: int = 0,
-    verify: bool = True,
+    **options: Any,
 ) -> dict[str, Any]:
-    """Load, prefill ``prompt_len`` random tokens, then greedily decode ``new_tokens``; one warm-up first."""
+    """Load, prefill ``prompt_len`` random tokens, then greedily decode ``new_tokens``; one warm-up first.
+
+    ``options`` go to :func:`moeport.load` (``verify``, backend compile options)."""
     t0 = time.perf_counter()
-    model = load(artifact, backend=backend, threads=threads, verify=verify)
+    model = load(artifact, backend=backend, threads=threads, **options)
     load_s = time.perf_counter() - t0
     if prompt_len + new_tokens > model.max_seq_len:
         raise ValueError(
@@ -60,6 +62,7 @@ def run_bench(
         "weights": manifest["weights"]["dtype"],
         "weight_bytes": manifest["weights"]["bytes"],
         "threads": threads,
+        "options": options,
         "prompt_len": prompt_len,
         "new_tokens": new_tokens,
         "load_seconds": round(load_s, 3),

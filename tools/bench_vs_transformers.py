@@ -78,20 +78,31 @@ def main() -> None:
             r["engine"] = f"moeport {r['weights']}"
         print(json.dumps(r))
         return
-    common = [a.checkpoint, "--threads", str(a.threads), "--prompt-len", str(a.prompt_len), "--new-tokens",
-              str(a.new_tokens)]
+    common = [
+        a.checkpoint,
+        "--threads",
+        str(a.threads),
+        "--prompt-len",
+        str(a.prompt_len),
+        "--new-tokens",
+        str(a.new_tokens),
+    ]
     rows = [_child([__file__, *common, "--_child", "transformers", d]) for d in a.transformers_dtypes.split(",")]
     rows += [_child([__file__, *common, "--_child", "moeport", art]) for art in a.artifacts]
     base = rows[0]
     print(f"threads {a.threads}, prompt {a.prompt_len}, decode {a.new_tokens}; ratios to {base['engine']}")
-    print(f"{'engine':<22}{'prefill tok/s':>14}{'ratio':>8}{'decode tok/s':>14}{'ratio':>8}{'load s':>9}"
-          f"{'peak RSS MB':>13}")
+    print(
+        f"{'engine':<22}{'prefill tok/s':>14}{'ratio':>8}{'decode tok/s':>14}{'ratio':>8}{'load s':>9}"
+        f"{'peak RSS MB':>13}"
+    )
     for r in rows:
         pr = r["prefill_tokens_per_second"] / base["prefill_tokens_per_second"]
         dr = r["decode_tokens_per_second"] / base["decode_tokens_per_second"]
         r["prefill_ratio"], r["decode_ratio"] = round(pr, 3), round(dr, 3)
-        print(f"{r['engine']:<22}{r['prefill_tokens_per_second']:>14.1f}{pr:>8.2f}{r['decode_tokens_per_second']:>14.2f}"
-              f"{dr:>8.2f}{r['load_seconds']:>9.2f}{r['peak_rss_mb']:>13.0f}")
+        print(
+            f"{r['engine']:<22}{r['prefill_tokens_per_second']:>14.1f}{pr:>8.2f}{r['decode_tokens_per_second']:>14.2f}"
+            f"{dr:>8.2f}{r['load_seconds']:>9.2f}{r['peak_rss_mb']:>13.0f}"
+        )
     if a.json_out:
         with open(a.json_out, "w") as f:
             json.dump(rows, f, indent=2)

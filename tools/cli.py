@@ -130,6 +130,28 @@ def _parse_ids(text: str) -> list[int]:
         raise click.BadParameter(f"expected comma-separated integers, got {text!r}", param_hint="--prompt-ids") from exc
 
 
+def _parse_backend_options(ctx, param, values) -> dict:
+    out = {}
+    for item in values:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise click.BadParameter(f"expected KEY=VALUE, got {item!r}", param_hint="--backend-option")
+        low = value.lower()
+        out[key] = int(value) if value.lstrip("-").isdigit() else (low == "true" if low in ("true", "false") else value)
+    return out
+
+
+backend_option = click.option(
+    "-o",
+    "--backend-option",
+    "backend_options",
+    multiple=True,
+    callback=_parse_backend_options,
+    help="A backend compile option KEY=VALUE (repeatable), e.g. accuracy_level=0 for float32 activations in the "
+    "cpu backend's quantized kernels, reference=true for the reference operator bodies.",
+)
+
+
 def sampling_options(f):
     """The sampling/stop flags shared by `run` and `chat` (unset flags fall back to generation_config.json)."""
     options = [
@@ -166,6 +188,7 @@ def sampling_options(f):
             help="When prompt + max-new-tokens exceed the context: refuse up front, or stop cleanly when full.",
         ),
         click.option("--threads", type=click.IntRange(min=1), default=None, help="CPU threads (default: all cores)."),
+        backend_option,
         click.option(
             "--backend",
             default="cpu",
@@ -245,6 +268,7 @@ def run_cmd(
     as_json: bool,
     threads: int | None,
     backend: str,
+    backend_options: dict,
     **sampling,
 ) -> None:
     """Generate from ARTIFACT_DIR on a backend, streaming the text (reasoning dimmed)."""
@@ -253,7 +277,7 @@ def run_cmd(
     if chat and prompt is None:
         raise click.UsageError("--chat needs --prompt (text)")
     t0 = time.perf_counter()
-    model = load(artifact_dir, backend=backend, threads=threads)
+    model = load(artifact_dir, backend=backend, threads=threads, **backend_options)
     load_s = time.perf_counter() - t0
     params = _sampling(model, **sampling)
     if prompt is not None:
@@ -297,12 +321,14 @@ def run_cmd(
 @click.argument("artifact_dir", type=click.Path(path_type=Path))
 @click.option("--system", help="A system message for the whole conversation.")
 @sampling_options
-def chat_cmd(artifact_dir: Path, system: str | None, threads: int | None, backend: str, **sampling) -> None:
+def chat_cmd(
+    artifact_dir: Path, system: str | None, threads: int | None, backend: str, backend_options: dict, **sampling
+) -> None:
     """Talk with ARTIFACT_DIR: multi-turn, reasoning shown dimmed and dropped from the history.
 
     Type a message and press Enter; /reset starts over, /exit (or Ctrl-D) quits.
     """
-    model = load(artifact_dir, backend=backend, threads=threads)
+    model = load(artifact_dir, backend=backend, threads=threads, **backend_options)
     tok = model.require_tokenizer()
     if tok.chat_template is None:
         raise TextError(f"{artifact_dir} has no chat template; use `moeport run --prompt` instead")
@@ -377,7 +403,9 @@ def backends_cmd(as_json: bool) -> None:
 @click.option("--no-verify", is_flag=True, help="Skip checking the files' sha256 against the manifest.")
 def inspect_cmd(artifact_dir: Path, no_verify: bool) -> None:
     """Describe an artifact: model, weights, cache layout, files (checksums verified)."""
-    art = read_artifact(artifact_dir, verify=not no_verify)
+    art = read_artifact(artifact_dir, verify=False)
+    if not no_verify:
+        art.verify(use_cache=False)
     m, cfg = art.manifest, art.config
     total = sum(f["size"] for f in m["files"].values())
     click.echo(f"artifact     {art.directory} (format v{m['format_version']}, {m['producer']})")
@@ -442,15 +470,22 @@ def make_checkpoint_cmd(output_dir: Path, preset: str, seed: int, dtype: str | N
     help="Tokens to decode after the prompt (greedy).",
 )
 @click.option("--threads", type=click.IntRange(min=1), default=None, help="CPU threads (default: all cores).")
+@backend_option
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 def bench_cmd(
-    artifact_dir: Path, backend: str, prompt_len: int, new_tokens: int, threads: int | None, as_json: bool
+    artifact_dir: Path,
+    backend: str,
+    prompt_len: int,
+    new_tokens: int,
+    threads: int | None,
+    backend_options: dict,
+    as_json: bool,
 ) -> None:
     """Measure prefill and decode tok/s, load seconds and peak RSS of ARTIFACT_DIR on a backend."""
     from moeport.tools.bench import run_bench
 
     try:
-        r = run_bench(artifact_dir, backend, prompt_len, new_tokens, threads)
+        r = run_bench(artifact_dir, backend, prompt_len, new_tokens, threads, **backend_options)
     except ValueError as exc:
         if isinstance(exc, USER_ERRORS):
             raise
