@@ -88,15 +88,21 @@ def test_inspect_shows_model_cache_and_verified_files(tiny_artifact):
 
 
 def test_demo_runs_end_to_end_as_a_console_script():
+    """The newcomer's command: the bundled reasoner exported, run, reasoning shown, answers scored."""
+    import re
+
     r = subprocess.run(
-        [sys.executable, "-m", "moeport.tools.cli", "demo", "--max-new-tokens", "8"],
+        [sys.executable, "-m", "moeport.tools.cli", "demo", "--problems", "2", "--eval", "40"],
         capture_output=True,
         text=True,
         timeout=300,
     )
     assert r.returncode == 0, r.stderr
-    assert "8 greedy tokens" in r.stdout
-    assert "decode" in r.stdout and "tok/s" in r.stdout
+    assert "<think>" not in r.stdout and "</think>" not in r.stdout  # reasoning is shown as its own part
+    assert r.stdout.count("correct") >= 2 and "watched: 2/2 correct" in r.stdout
+    right, total = map(int, re.search(r"held-out: (\d+)/(\d+) correct", r.stdout).groups())
+    assert total == 40 and right >= 38
+    assert re.search(r"\d+ tok/s in continuous batches", r.stdout)
 
 
 def test_help_explains_every_flag():

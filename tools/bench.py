@@ -12,6 +12,8 @@ import numpy as np
 
 from moeport.runtime.model import load
 
+from .bandwidth import active_bytes_per_token
+
 
 def peak_rss_mb() -> float:
     """Peak resident set size of this process so far (MB)."""
@@ -56,6 +58,7 @@ def run_bench(
         token = int(np.argmax(s.step(token)))
     decode_s = time.perf_counter() - t2
     manifest = model.artifact.manifest
+    active = active_bytes_per_token(model.artifact)
     return {
         "artifact": str(artifact),
         "backend": model.backend_name,
@@ -70,4 +73,6 @@ def run_bench(
         "decode_tokens_per_second": round(new_tokens / decode_s, 2) if new_tokens else 0.0,
         "decode_ms_per_token": round(1000 * decode_s / new_tokens, 3) if new_tokens else 0.0,
         "peak_rss_mb": round(peak_rss_mb(), 1),
+        "active_weight_mb_per_token": round(active / 1e6, 1),
+        "decode_weight_gb_per_second": round(active * new_tokens / decode_s / 1e9, 2) if new_tokens else 0.0,
     }

@@ -17,15 +17,18 @@ import sys
 import time
 
 
-def transformers_bench(checkpoint: str, dtype: str, threads: int, prompt_len: int, new_tokens: int) -> dict:
+def transformers_bench(checkpoint: str, variant: str, threads: int, prompt_len: int, new_tokens: int) -> dict:
+    """``variant`` is ``dtype`` or ``dtype:experts_implementation`` (eager, grouped_mm, batched_mm)."""
     import resource
 
     import torch
     from transformers import AutoModelForCausalLM
 
+    dtype, _, experts = variant.partition(":")
     torch.set_num_threads(threads)
     t0 = time.perf_counter()
-    model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=getattr(torch, dtype)).eval()
+    kwargs = {"experts_implementation": experts} if experts else {}
+    model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=getattr(torch, dtype), **kwargs).eval()
     load_s = time.perf_counter() - t0
     gen = torch.Generator().manual_seed(0)
     prompt = torch.randint(2, model.config.vocab_size, (1, prompt_len), generator=gen)
@@ -41,7 +44,7 @@ def transformers_bench(checkpoint: str, dtype: str, threads: int, prompt_len: in
             cache, token = out.past_key_values, out.logits[:, -1].argmax(-1, keepdim=True)
         decode_s = time.perf_counter() - t2
     return {
-        "engine": f"transformers {dtype}",
+        "engine": f"transformers {variant}",
         "load_seconds": round(load_s, 3),
         "prefill_tokens_per_second": round(prompt_len / prefill_s, 2),
         "decode_tokens_per_second": round(new_tokens / decode_s, 2),
@@ -63,7 +66,11 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--prompt-len", type=int, default=128)
     p.add_argument("--new-tokens", type=int, default=64)
-    p.add_argument("--transformers-dtypes", default="bfloat16,float32")
+    p.add_argument(
+        "--transformers",
+        default="bfloat16:eager,bfloat16:grouped_mm,bfloat16:batched_mm,float32:eager",
+        help="transformers variants dtype[:experts_implementation]; the first is the baseline of the ratios",
+    )
     p.add_argument("--json", dest="json_out")
     p.add_argument("--_child", nargs=2, help=argparse.SUPPRESS)
     a = p.parse_args()
@@ -87,7 +94,7 @@ def main() -> None:
         "--new-tokens",
         str(a.new_tokens),
     ]
-    rows = [_child([__file__, *common, "--_child", "transformers", d]) for d in a.transformers_dtypes.split(",")]
+    rows = [_child([__file__, *common, "--_child", "transformers", d]) for d in a.transformers.split(",")]
     rows += [_child([__file__, *common, "--_child", "moeport", art]) for art in a.artifacts]
     base = rows[0]
     print(f"threads {a.threads}, prompt {a.prompt_len}, decode {a.new_tokens}; ratios to {base['engine']}")

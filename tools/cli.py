@@ -501,6 +501,10 @@ def bench_cmd(
         f"{r['decode_ms_per_token']:.1f} ms/token)"
     )
     click.echo(f"  peak RSS {r['peak_rss_mb']:.0f} MB")
+    click.echo(
+        f"  weights  {r['active_weight_mb_per_token']:.0f} MB read per decoded token = "
+        f"{r['decode_weight_gb_per_second']:.1f} GB/s"
+    )
 
 
 @main.command("demo")
