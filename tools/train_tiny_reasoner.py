@@ -17,8 +17,9 @@ digit-by-digit scratchpad inside ``<think>...</think>`` and then the integer ans
     405
 
     <think>
-    091-406          subtraction: the padded operands, then the sign and the operands in the order
-    -(406-091)       that makes the difference non-negative (larger first)
+    091-406          subtraction: the padded operands,
+    <><              each digit of the first compared with the second's, most significant first,
+    -(406-091)       the sign (that of the first non-'=') and the operands ordered larger first,
     6-1-0=05         x-y-borrow = borrow_out digit   (borrow_out 1 means 10 was borrowed)
     0-9-0=11
     4-0-1=03
@@ -114,6 +115,7 @@ def scratchpad(a: int, op: str, b: int) -> str:
     if op == "+":
         x, y = pa, pb
     else:
+        lines.append("".join("<" if x < y else ">" if x > y else "=" for x, y in zip(pa, pb, strict=True)))
         if a < b:
             lines.append(f"-({pb}-{pa})")
             x, y = pb, pa
@@ -146,7 +148,7 @@ def answer_from_scratchpad(pad: str) -> int:
     """Read the answer off a scratchpad mechanically (documents and checks the format)."""
     lines = pad.split("\n")
     op = lines[0][3]
-    sign = -1 if (op == "-" and lines[1][0] == "-") else 1
+    sign = -1 if (op == "-" and lines[2][0] == "-") else 1
     digit_lines = lines[-3:]
     digits = "".join(line[-1] for line in reversed(digit_lines))
     if op == "+":
@@ -238,9 +240,9 @@ def make_batch(tok, problems, torch):
     ids = torch.full((len(seqs), n), eos, dtype=torch.long)
     lab = torch.full((len(seqs), n), -100, dtype=torch.long)
     real = torch.zeros((len(seqs), n), dtype=torch.bool)
-    for i, (s, l) in enumerate(zip(seqs, labels)):
+    for i, (s, y) in enumerate(zip(seqs, labels, strict=True)):
         ids[i, : len(s)] = torch.tensor(s)
-        lab[i, : len(l)] = torch.tensor(l)
+        lab[i, : len(y)] = torch.tensor(y)
         real[i, : len(s)] = True
     # labels are shifted inside the model (predict token t+1 from prefix ..t)
     return ids, lab, real
@@ -294,8 +296,8 @@ def parse_answer(text: str) -> int | None:
 
 
 def score(problems, texts) -> tuple[float, float]:
-    ok = sum(parse_answer(t) == answer(*p) for p, t in zip(problems, texts))
-    exact = sum(t == assistant_text(*p) for p, t in zip(problems, texts))
+    ok = sum(parse_answer(t) == answer(*p) for p, t in zip(problems, texts, strict=True))
+    exact = sum(t == assistant_text(*p) for p, t in zip(problems, texts, strict=True))
     return ok / len(problems), exact / len(problems)
 
 
@@ -315,12 +317,12 @@ def heldout_sets(seed: int):
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default="models/zoo/tiny-reasoner")
-    ap.add_argument("--steps", type=int, default=3000)
+    ap.add_argument("--steps", type=int, default=2500)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--batch", type=int, default=128)
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--warmup", type=int, default=100)
-    ap.add_argument("--eval-every", type=int, default=500)
+    ap.add_argument("--eval-every", type=int, default=1000)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--model", default="{}", help="JSON overrides of the model config (experiments)")
     args = ap.parse_args(argv)
@@ -335,10 +337,21 @@ def main(argv=None) -> int:
     random.seed(args.seed)
 
     tok = build_tokenizer()
-    for s in (prompt_text("91-406") + assistant_text(91, "-", 406) + EOS, prompt_text("7+5") + assistant_text(7, "+", 5)):
+    for s in (
+        prompt_text("91-406") + assistant_text(91, "-", 406) + EOS,
+        prompt_text("7+5") + assistant_text(7, "+", 5),
+    ):
         assert tok.decode(tok.encode(s).ids, skip_special_tokens=False) == s
         assert UNK not in tok.encode(s).tokens
-    for a, op, b in [(347, "+", 58), (91, "-", 406), (999, "+", 999), (100, "-", 99), (0, "-", 0), (5, "-", 999)]:
+    for a, op, b in [
+        (347, "+", 58),
+        (91, "-", 406),
+        (999, "+", 999),
+        (100, "-", 99),
+        (0, "-", 0),
+        (5, "-", 999),
+        (70, "-", 62),
+    ]:
         assert answer_from_scratchpad(scratchpad(a, op, b)) == answer(a, op, b)
 
     cfg_fields = {**MODEL, **json.loads(args.model)}
@@ -380,7 +393,9 @@ def main(argv=None) -> int:
         (no_decay if p.ndim < 2 or "norm" in name else decay).append(p)
     opt = torch.optim.AdamW(
         [{"params": decay, "weight_decay": 0.05}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=args.lr, betas=(0.9, 0.98), eps=1e-8,
+        lr=args.lr,
+        betas=(0.9, 0.98),
+        eps=1e-8,
     )
 
     def lr_at(step: int) -> float:
@@ -416,7 +431,9 @@ def main(argv=None) -> int:
         ema = loss.item() if ema is None else 0.98 * ema + 0.02 * loss.item()
         if step % 50 == 0 or step == args.steps - 1:
             el = time.time() - t0
-            print(f"step {step:5d}  loss {loss.item():.4f}  ema {ema:.4f}  lr {lr_at(step):.2e}  {el:6.0f}s", flush=True)
+            print(
+                f"step {step:5d}  loss {loss.item():.4f}  ema {ema:.4f}  lr {lr_at(step):.2e}  {el:6.0f}s", flush=True
+            )
         if (step + 1) % args.eval_every == 0 and step + 1 < args.steps:
             acc, ex = score(val, greedy(model, tok, val, torch))
             print(f"  validation ({len(val)}): answer accuracy {acc:.4f}, exact {ex:.4f}", flush=True)
@@ -479,7 +496,9 @@ def evaluate_folder(folder: Path, problems):
     model.eval()
     prompts = []
     for a, op, b in problems:
-        text = hf_tok.apply_chat_template([{"role": "user", "content": f"{a}{op}{b}"}], tokenize=False, add_generation_prompt=True)
+        text = hf_tok.apply_chat_template(
+            [{"role": "user", "content": f"{a}{op}{b}"}], tokenize=False, add_generation_prompt=True
+        )
         assert text == prompt_text(f"{a}{op}{b}"), text
         ids = raw.encode(text).ids
         assert hf_tok(text, add_special_tokens=True)["input_ids"] == ids
@@ -498,7 +517,11 @@ def evaluate_folder(folder: Path, problems):
                 ids = ids[: ids.index(eos)] if eos in ids else ids
                 texts[i] = hf_tok.decode(ids, skip_special_tokens=False)
     acc, exact = score(problems, texts)
-    failures = [(f"{a}{op}{b}", answer(a, op, b), t) for (a, op, b), t in zip(problems, texts) if parse_answer(t) != answer(a, op, b)]
+    failures = [
+        (f"{a}{op}{b}", answer(a, op, b), t)
+        for (a, op, b), t in zip(problems, texts, strict=True)
+        if parse_answer(t) != answer(a, op, b)
+    ]
     return acc, exact, failures
 
 
@@ -539,12 +562,13 @@ The model then generates, greedily, up to `<｜end▁of▁sentence｜>`:
 {ex2}
 ```
 
-Scratchpad: the operands zero-padded to 3 digits; for subtraction, a line with the sign of the result
-and the operands ordered larger first; then one line per digit from the least significant,
-`x+y+carry=CD` or `x-y-borrow=BD` (C/B: carry or borrow out, D: the result digit). The answer is the
-sign, the final carry (addition), and the result digits from the last line back to the first with
-leading zeros dropped. As in DeepSeek-R1, the chat template drops the reasoning of earlier assistant
-turns.
+Scratchpad: the operands zero-padded to 3 digits; for subtraction, a line comparing the two padded
+operands digit by digit (`<`, `=`, `>`, most significant first) and a line with the sign of the result
+(that of the first digit that differs) and the operands ordered larger first; then one line per digit
+from the least significant, `x+y+carry=CD` or `x-y-borrow=BD` (C/B: carry or borrow out, D: the result
+digit). The answer is the sign, the final carry (addition), and the result digits from the last line
+back to the first with leading zeros dropped. As in DeepSeek-R1, the chat template drops the reasoning
+of earlier assistant turns.
 
 ## Accuracy
 
