@@ -34,6 +34,11 @@ from .base import API_VERSION, Availability, BackendError
 
 MS = "com.microsoft"
 _SENTINEL = -1.0e30
+# silu(gate) * up with gate/up rows interleaved in one fc1 (the layout ORT's CPU MoE kernels accept);
+# routing weights are supplied by the graph, so the kernel must not renormalize them
+_SWIGLU = dict(
+    activation_type="swiglu", swiglu_fusion=1, activation_alpha=1.0, activation_beta=0.0, normalize_routing_weights=0
+)
 
 
 class OrtProgram:
@@ -93,8 +98,10 @@ def _reshaped(tensor: TensorProto, name: str, dims: list[int]) -> TensorProto:
     return out
 
 
-def rewrite_for_ort(model: onnx.ModelProto, accuracy_level: int = 4) -> None:
+def rewrite_for_ort(model: onnx.ModelProto, accuracy_level: int = 4, moe_accuracy_level: int | None = None) -> None:
     """Replace moeport's operators by ONNX Runtime's fused CPU kernels, in place."""
+    if moe_accuracy_level is None:
+        moe_accuracy_level = accuracy_level
     graph = model.graph
     inits = {t.name: t for t in graph.initializer}
     producers = {o: n for n in graph.node for o in n.output}
@@ -173,17 +180,7 @@ def rewrite_for_ort(model: onnx.ModelProto, accuracy_level: int = 4) -> None:
             x, idx, w, gate_up, down = n.input
             experts = initializer_behind(gate_up).dims[0]
             probs = scatter_rows(idx, node("Log", [node("Max", [w, const(1e-30, np.float32)])]), _SENTINEL, experts)
-            y = node(
-                "MoE",
-                [x, probs, gate_up, "", down],
-                domain=MS,
-                k=top_k(n),
-                activation_type="swiglu",
-                swiglu_fusion=1,
-                activation_alpha=1.0,
-                activation_beta=0.0,
-                normalize_routing_weights=0,
-            )
+            y = node("MoE", [x, probs, gate_up, "", down], domain=MS, k=top_k(n), **_SWIGLU)
             total = node("ReduceSum", [w, const([-1], np.int64)], keepdims=1)
             new_nodes.append(helper.make_node("Mul", [y, total], list(n.output), name=n.name))
         elif kind == "QMoE":
@@ -202,13 +199,10 @@ def rewrite_for_ort(model: onnx.ModelProto, accuracy_level: int = 4) -> None:
                     name=n.name,
                     domain=MS,
                     k=top_k(n),
-                    activation_type="swiglu",
-                    swiglu_fusion=1,
-                    activation_alpha=1.0,
-                    activation_beta=0.0,
-                    normalize_routing_weights=0,
                     expert_weight_bits=bits,
                     block_size=block,
+                    accuracy_level=moe_accuracy_level,
+                    **_SWIGLU,
                 )
             )
         else:
