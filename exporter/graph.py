@@ -51,9 +51,6 @@ class WeightFile:
         self.offset = 0
         self.nbytes = 0
 
-    def write(self, name: str, array: np.ndarray) -> TensorProto:
-        return self.write_parts(name, [np.ascontiguousarray(array)], array.shape, array.dtype)
-
     def write_parts(
         self, name: str, parts: Iterable[np.ndarray], shape: tuple[int, ...], dtype: np.dtype
     ) -> TensorProto:
@@ -88,7 +85,7 @@ class WeightFile:
 class GraphBuilder:
     """Builds one ONNX graph; ``b.OpType(*inputs, **attrs)`` adds a node and returns its output name."""
 
-    def __init__(self, weights: WeightFile | None, storage: str = "fp32"):
+    def __init__(self, weights: WeightFile, storage: str = "fp32"):
         self.weights = weights
         self.storage = STORAGE_DTYPES[storage]
         self.nodes: list[onnx.NodeProto] = []
@@ -100,7 +97,6 @@ class GraphBuilder:
         self._counter = 0
         self._consts: dict[tuple, str] = {}
         self.functions: dict[str, onnx.FunctionProto] = {}
-        self.on_weight: Callable[[str, np.ndarray], None] | None = None
 
     # -- naming -------------------------------------------------------------------------------
     @contextlib.contextmanager
@@ -174,18 +170,8 @@ class GraphBuilder:
         self._names.add(name)
         dtype = np.dtype(dtype)
 
-        def stored_parts() -> Iterator[np.ndarray]:
-            for make in parts:
-                part = np.asarray(make()).astype(dtype, copy=False)
-                if self.on_weight:
-                    self.on_weight(name, part)
-                yield part
-
-        if self.weights is None:
-            full = np.concatenate([p.reshape(-1) for p in stored_parts()]).reshape(shape)
-            self.initializers.append(_raw_proto(full, name))
-        else:
-            self.initializers.append(self.weights.write_parts(name, stored_parts(), shape, dtype))
+        stored = (np.asarray(make()).astype(dtype, copy=False) for make in parts)
+        self.initializers.append(self.weights.write_parts(name, stored, shape, dtype))
         return name
 
     def call(self, function: onnx.FunctionProto, *inputs: str) -> str:
@@ -239,12 +225,3 @@ class GraphBuilder:
         model.ir_version = 8
         model.doc_string = doc
         return model
-
-
-def _raw_proto(arr: np.ndarray, name: str) -> TensorProto:
-    tensor = TensorProto()
-    tensor.name = name
-    tensor.data_type = onnx_type(arr.dtype)
-    tensor.dims.extend(arr.shape)
-    tensor.raw_data = np.ascontiguousarray(arr).tobytes()
-    return tensor

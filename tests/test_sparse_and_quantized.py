@@ -29,13 +29,17 @@ def ckpt(tmp_path_factory) -> Path:
     )
 
 
-def _expert_slice(art: Path, layer: int, expert: int) -> tuple[int, int]:
-    """Byte range of one expert's gate/up rows in the artifact's weight file."""
-    model = onnx.load(str(art / "model.onnx"), load_external_data=False)
+def poisoned_copy(art: Path, dest: Path, layer: int, expert: int) -> Path:
+    """A copy of a float32 artifact with one expert's gate/up rows overwritten by NaN."""
+    out = Path(shutil.copytree(art, dest))
+    model = onnx.load(str(out / "model.onnx"), load_external_data=False)
     t = next(t for t in model.graph.initializer if t.name == f"model.layers.{layer}.mlp.experts.gate_up.weight")
     info = {e.key: e.value for e in t.external_data}
     per_expert = int(info["length"]) // t.dims[0]
-    return int(info["offset"]) + expert * per_expert, per_expert
+    with open(out / "model.onnx.data", "r+b") as f:
+        f.seek(int(info["offset"]) + expert * per_expert)
+        f.write(np.full(per_expert // 4, np.nan, np.float32).tobytes())
+    return out
 
 
 def test_a_decode_step_reads_only_the_routed_experts(ckpt, tmp_path):
@@ -48,11 +52,7 @@ def test_a_decode_step_reads_only_the_routed_experts(ckpt, tmp_path):
     for layer in range(cfg.first_k_dense_replace, cfg.num_hidden_layers):
         poisoned_by = []
         for expert in range(cfg.n_routed_experts):
-            art = Path(shutil.copytree(clean, tmp_path / f"p{layer}_{expert}"))
-            start, length = _expert_slice(art, layer, expert)
-            with open(art / "model.onnx.data", "r+b") as f:
-                f.seek(start)
-                f.write(np.full(length // 4, np.nan, np.float32).tobytes())
+            art = poisoned_copy(clean, tmp_path / f"p{layer}_{expert}", layer, expert)
             s = load(art, verify=False).session()
             s.cache = base.cache.copy()
             s.tokens = list(base.tokens)
@@ -63,18 +63,14 @@ def test_a_decode_step_reads_only_the_routed_experts(ckpt, tmp_path):
 
 
 def test_prefill_skips_experts_no_token_chose(ckpt, tmp_path):
-    """With the reference function inlined (no fused kernel) unchosen experts are never touched either."""
+    """In prefill too, the fused kernel and the reference body both leave experts no token chose untouched."""
     clean = export(ckpt, tmp_path / "clean")
     for reference in (False, True):
         model = load(clean, reference=reference)
         cfg = model.config
         finite = []
         for expert in range(cfg.n_routed_experts):
-            art = Path(shutil.copytree(clean, tmp_path / f"e{expert}-{reference}"))
-            start, length = _expert_slice(art, cfg.num_hidden_layers - 1, expert)
-            with open(art / "model.onnx.data", "r+b") as f:
-                f.seek(start)
-                f.write(np.full(length // 4, np.nan, np.float32).tobytes())
+            art = poisoned_copy(clean, tmp_path / f"e{expert}-{reference}", cfg.num_hidden_layers - 1, expert)
             finite.append(
                 bool(np.isfinite(load(art, verify=False, reference=reference).session().forward(PROMPT[:3])).all())
             )

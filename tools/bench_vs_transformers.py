@@ -3,8 +3,9 @@
     python tools/bench_vs_transformers.py CHECKPOINT ART_BF16 [ART_INT8 ART_INT4 ...] \\
         [--threads 2] [--prompt-len 128] [--new-tokens 64] [--json out.json]
 
-Each measurement runs in its own process (so peak RSS is per engine), one after the other, and the
-ratios to transformers bf16 are printed as a table. transformers runs DeepseekV3ForCausalLM with a
+Each measurement runs in its own process (so peak RSS is per engine), one after the other; each
+engine gets a full-size warm-up and reports the best of 3 prefills and of 3 decodes. The ratios to
+the first transformers variant are printed as a table. transformers runs DeepseekV3ForCausalLM with a
 KV cache and a greedy loop (no sampling, no logits processors), the fairest fast path it offers.
 """
 
@@ -17,7 +18,9 @@ import sys
 import time
 
 
-def transformers_bench(checkpoint: str, variant: str, threads: int, prompt_len: int, new_tokens: int) -> dict:
+def transformers_bench(
+    checkpoint: str, variant: str, threads: int, prompt_len: int, new_tokens: int, repeats: int = 3
+) -> dict:
     """``variant`` is ``dtype`` or ``dtype:experts_implementation`` (eager, grouped_mm, batched_mm)."""
     import resource
 
@@ -32,17 +35,22 @@ def transformers_bench(checkpoint: str, variant: str, threads: int, prompt_len: 
     load_s = time.perf_counter() - t0
     gen = torch.Generator().manual_seed(0)
     prompt = torch.randint(2, model.config.vocab_size, (1, prompt_len), generator=gen)
+    warm = torch.randint(2, model.config.vocab_size, (1, prompt_len), generator=gen)
+    prefill_s = decode_s = float("inf")
     with torch.inference_mode():
-        model(prompt[:, :8], use_cache=True)  # warm-up
-        t1 = time.perf_counter()
-        out = model(prompt, use_cache=True)
-        prefill_s = time.perf_counter() - t1
-        cache, token = out.past_key_values, out.logits[:, -1].argmax(-1, keepdim=True)
-        t2 = time.perf_counter()
-        for _ in range(new_tokens):
-            out = model(token, past_key_values=cache, use_cache=True)
+        out = model(warm, use_cache=True)  # warm-up at full size, as moeport bench does
+        for _ in range(4):
+            out = model(out.logits[:, -1:].argmax(-1), past_key_values=out.past_key_values, use_cache=True)
+        for _ in range(repeats):  # best of `repeats`, like moeport bench
+            t1 = time.perf_counter()
+            out = model(prompt, use_cache=True)
+            prefill_s = min(prefill_s, time.perf_counter() - t1)
             cache, token = out.past_key_values, out.logits[:, -1].argmax(-1, keepdim=True)
-        decode_s = time.perf_counter() - t2
+            t2 = time.perf_counter()
+            for _ in range(new_tokens):
+                out = model(token, past_key_values=cache, use_cache=True)
+                cache, token = out.past_key_values, out.logits[:, -1].argmax(-1, keepdim=True)
+            decode_s = min(decode_s, time.perf_counter() - t2)
     return {
         "engine": f"transformers {variant}",
         "load_seconds": round(load_s, 3),
