@@ -138,9 +138,13 @@ def export(
     try:
         tick = progress(tensor_count(cfg)) if progress else None
         _write_artifact(cfg, ckpt, tmp, weights, block_size, max_seq_len, ignored, src, tick)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
+        if out.exists():  # --force: move the old output aside, put the new one in place, then delete the old
+            old = out.with_name(f".{out.name}.old-{os.getpid()}")
+            os.replace(out, old)
+            os.replace(tmp, out)
+            shutil.rmtree(old) if old.is_dir() else old.unlink()
+        else:
+            os.replace(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
