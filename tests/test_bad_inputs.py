@@ -266,3 +266,14 @@ def test_cli_errors(tiny_artifact, tiny_checkpoint, args, message):
     assert result.exit_code != 0
     assert message in result.output
     assert "Traceback" not in result.output
+
+
+def test_output_path_that_is_a_file(tiny_checkpoint, tmp_path):
+    out = tmp_path / "out"
+    out.write_text("not a directory")
+    with pytest.raises(ExportError, match="exists and is not empty"):
+        export(tiny_checkpoint, out)
+    assert out.read_text() == "not a directory"
+    export(tiny_checkpoint, out, force=True)
+    assert (out / "manifest.json").is_file()
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]  # no temp or old copies left
