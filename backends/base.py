@@ -26,6 +26,7 @@ ENTRY_POINT_GROUP = "moeport.backends"
 # (no entry points). Installed copies register the same classes through pyproject.toml.
 _BUILTIN = {
     "cpu": "moeport.backends.cpu:CpuBackend",
+    "tvm": "moeport.backends.tvm:TvmBackend",
 }
 
 
