@@ -112,3 +112,23 @@ def test_a_library_this_machine_did_not_build_is_never_loaded(tmp_path):
     assert not again.cache_hit and first.cache_hit is False
     assert lib.read_bytes() != planted  # rebuilt in place
     shutil.rmtree(art / "compiled")
+
+
+def test_compile_command_then_run_uses_the_cache(tmp_path):
+    import json
+
+    from click.testing import CliRunner
+
+    from moeport.exporter import export
+    from moeport.tools.cli import main
+
+    art = export("zoo:tiny-reasoner", tmp_path / "art")
+    runner = CliRunner()
+    first = runner.invoke(main, ["compile", str(art), "--backend", "tvm"])
+    assert first.exit_code == 0 and "compiled for backend 'tvm'" in first.output, first.output
+    again = runner.invoke(main, ["compile", str(art), "--backend", "tvm"])
+    assert "cached build reused" in again.output
+    r = runner.invoke(main, ["run", str(art), "--backend", "tvm", "--prompt", "347+58", "--chat", "--json"])
+    assert json.loads(r.output.strip().splitlines()[-1])["content"] == "405"
+    bad = runner.invoke(main, ["compile", str(art), "--backend", "tvm", "--target", "not-a-target"])
+    assert bad.exit_code != 0 and "could not compile" in bad.output

@@ -398,6 +398,22 @@ def backends_cmd(as_json: bool) -> None:
         click.echo(f"{r['name']:<10} {mark}  {r['description'] or r['plugin']}  ({r['reason']})")
 
 
+@main.command("compile")
+@click.argument("artifact_dir", type=click.Path(path_type=Path))
+@click.option("--backend", required=True, help="Backend to compile for (see `moeport backends`).")
+@click.option("--target", default=None, help="Compiler target where the backend has one, e.g. tvm's 'llvm'.")
+@backend_option
+def compile_cmd(artifact_dir: Path, backend: str, target: str | None, backend_options: dict) -> None:
+    """Compile ARTIFACT_DIR ahead of time for a backend; the result is cached in the artifact when the
+    backend caches builds (tvm: ARTIFACT_DIR/compiled/), so `moeport run` starts without compiling."""
+    options = {**backend_options, **({"target": target} if target else {})}
+    click.echo(f"compiling {artifact_dir} for {backend}{f' ({target})' if target else ''} ...", err=True)
+    model = load(artifact_dir, backend=backend, **options)
+    hit = getattr(model.program, "cache_hit", None)
+    how = "cached build reused" if hit else "compiled"
+    click.echo(f"{how} for backend '{model.backend_name}' in {model.load_seconds:.2f}s")
+
+
 @main.command("inspect")
 @click.argument("artifact_dir", type=click.Path(path_type=Path))
 @click.option("--no-verify", is_flag=True, help="Skip checking the files' sha256 against the manifest.")
