@@ -40,6 +40,11 @@ from .base import API_VERSION, Availability, BackendError
 _PREP_VERSION = 1  # bump when the graph rewrites below change (invalidates cached libraries)
 
 
+def _const(name: str, v: Any) -> onnx.NodeProto:
+    """An int64 Constant node named ``name``."""
+    return helper.make_node("Constant", [], [name], value=numpy_helper.from_array(np.asarray(v, np.int64), name + "_v"))
+
+
 def _fix_mask(model):
     """Pin the causal mask's shape to the attention scores' at each Where it feeds."""
     g = model.graph
@@ -47,20 +52,15 @@ def _fix_mask(model):
     out = []
     k = [0]
 
-    def c(name, v):
-        return helper.make_node(
-            "Constant", [], [name], value=numpy_helper.from_array(np.asarray(v, np.int64), name + "_v")
-        )
-
     for n in g.node:
         if n.op_type == "Where" and n.domain == "" and n.input[0] in masks:
             k[0] += 1
             p = f"tvmfix{k[0]}_"
             out += [
-                c(p + "0", [0]),
-                c(p + "1", [1]),
-                c(p + "2", [2]),
-                c(p + "4", [4]),
+                _const(p + "0", [0]),
+                _const(p + "1", [1]),
+                _const(p + "2", [2]),
+                _const(p + "4", [4]),
                 helper.make_node("Shape", [n.input[1]], [p + "sx"]),
                 helper.make_node("Slice", [p + "sx", p + "0", p + "1"], [p + "b"]),
                 helper.make_node("Slice", [p + "sx", p + "2", p + "4"], [p + "st"]),
@@ -85,11 +85,6 @@ def _fix_keep_slice(model):
     out = []
     k = [0]
 
-    def c(name, v):
-        return helper.make_node(
-            "Constant", [], [name], value=numpy_helper.from_array(np.asarray(v, np.int64), name + "_v")
-        )
-
     for n in g.node:
         src = prod.get(n.input[1]) if n.op_type == "Slice" and len(n.input) >= 4 else None
         if src is not None and src.op_type == "Neg" and n.input[3] in inits:
@@ -97,10 +92,10 @@ def _fix_keep_slice(model):
             k[0] += 1
             p = f"tvmkeep{k[0]}_"
             out += [
-                c(p + "a0", [axis]),
-                c(p + "a1", [axis + 1]),
-                c(p + "one", 1),
-                c(p + "ax0", [0]),
+                _const(p + "a0", [axis]),
+                _const(p + "a1", [axis + 1]),
+                _const(p + "one", 1),
+                _const(p + "ax0", [0]),
                 helper.make_node("Shape", [n.input[0]], [p + "sh"]),
                 helper.make_node("Slice", [p + "sh", p + "a0", p + "a1"], [p + "dim1"]),
                 helper.make_node("Squeeze", [p + "dim1", p + "ax0"], [p + "dim"]),
@@ -123,11 +118,6 @@ def _fix_causal(model):
     mask = "attention_mask"
     out = []
 
-    def c(name, v):
-        return helper.make_node(
-            "Constant", [], [name], value=numpy_helper.from_array(np.asarray(v, np.int64), name + "_v")
-        )
-
     k = [0]
     for n in g.node:
         if n.op_type == "And" and n.domain == "":
@@ -137,8 +127,8 @@ def _fix_causal(model):
                     k[0] += 1
                     p = f"tvmcausal{k[0]}_"
                     out += [
-                        c(p + "1", [1]),
-                        c(p + "2", [2]),
+                        _const(p + "1", [1]),
+                        _const(p + "2", [2]),
                         helper.make_node("Shape", ["input_ids"], [p + "si"]),
                         helper.make_node("Shape", [mask], [p + "sm"]),
                         helper.make_node("Slice", [p + "si", p + "1", p + "2"], [p + "s"]),
@@ -174,11 +164,6 @@ def _fix_slice_ends(model):
             return numpy_helper.to_array(n.attribute[0].t)
         return None
 
-    def c(name, v):
-        return helper.make_node(
-            "Constant", [], [name], value=numpy_helper.from_array(np.asarray(v, np.int64), name + "_v")
-        )
-
     out = []
     k = 0
     for n in g.node:
@@ -198,10 +183,10 @@ def _fix_slice_ends(model):
                 for j, (a, e) in enumerate(zip(axes.tolist(), ends.tolist(), strict=True)):
                     if e > _BIG:
                         lo, hi = int(a), (int(a) + 1 if int(a) != -1 else _BIG)
-                        out += [c(f"{p}lo{j}", [lo]), c(f"{p}hi{j}", [hi])]
+                        out += [_const(f"{p}lo{j}", [lo]), _const(f"{p}hi{j}", [hi])]
                         out.append(helper.make_node("Slice", [p + "sh", f"{p}lo{j}", f"{p}hi{j}"], [f"{p}e{j}"]))
                     else:
-                        out.append(c(f"{p}e{j}", [e]))
+                        out.append(_const(f"{p}e{j}", [e]))
                     parts.append(f"{p}e{j}")
                 out.append(helper.make_node("Concat", parts, [p + "ends"], axis=0))
                 n.input[2] = p + "ends"
