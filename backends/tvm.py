@@ -33,7 +33,7 @@ import onnx
 import onnx.inliner
 from onnx import helper, numpy_helper
 
-from moeport.exporter.manifest import Artifact, sha256_file
+from moeport.exporter.manifest import Artifact, read_json_or, sha256_file, user_cache_file, write_json_best_effort
 
 from .base import API_VERSION, Availability, BackendError
 
@@ -247,28 +247,17 @@ def _cache_key(artifact: Artifact, target: str, tvm_version: str) -> str:
     return h.hexdigest()[:16]
 
 
-def _trusted_file() -> Path:
-    root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-    return root / "moeport" / "trusted-libraries.json"
+_TRUSTED = "trusted-libraries.json"
 
 
 def _trusted() -> set[str]:
-    try:
-        return set(json.loads(_trusted_file().read_text()))
-    except (OSError, ValueError):
-        return set()
+    return set(read_json_or(user_cache_file(_TRUSTED), []))
 
 
 def _trust(lib: Path) -> None:
-    """Record a library this process built, so later loads may use it."""
-    path = _trusted_file()
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".tmp{os.getpid()}")
-        tmp.write_text(json.dumps(sorted(_trusted() | {sha256_file(lib)})))
-        os.replace(tmp, path)
-    except OSError:
-        pass  # without a writable cache the library is simply rebuilt next time
+    """Record a library this process built, so later loads may use it (without a writable cache the
+    library is simply rebuilt next time)."""
+    write_json_best_effort(user_cache_file(_TRUSTED), sorted(_trusted() | {sha256_file(lib)}))
 
 
 class TvmBackend:

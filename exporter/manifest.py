@@ -101,16 +101,36 @@ class Artifact:
             cache.save()
 
 
+def user_cache_file(name: str) -> Path:
+    """A file in moeport's per-user cache folder ($XDG_CACHE_HOME/moeport, else ~/.cache/moeport)."""
+    root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return root / "moeport" / name
+
+
+def read_json_or(path: Path, default: Any) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return default
+
+
+def write_json_best_effort(path: Path, data: Any) -> None:
+    """Atomically replace ``path`` with ``data`` as JSON; a read-only cache is silently skipped."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".tmp{os.getpid()}")
+        tmp.write_text(json.dumps(data))
+        os.replace(tmp, path)
+    except OSError:
+        pass
+
+
 class _VerifiedCache:
     """sha256s already checked on this machine, keyed by path, size, mtime and inode."""
 
     def __init__(self) -> None:
-        root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-        self.path = root / "moeport" / "verified.json"
-        try:
-            self.entries: dict[str, list] = json.loads(self.path.read_text())
-        except (OSError, ValueError):
-            self.entries = {}
+        self.path = user_cache_file("verified.json")
+        self.entries: dict[str, list] = read_json_or(self.path, {})
         self.dirty = False
 
     @staticmethod
@@ -125,15 +145,8 @@ class _VerifiedCache:
         self.dirty = True
 
     def save(self) -> None:
-        if not self.dirty:
-            return
-        try:  # best effort: a read-only home only costs re-hashing next time
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = self.path.with_suffix(f".tmp{os.getpid()}")
-            tmp.write_text(json.dumps(self.entries))
-            os.replace(tmp, self.path)
-        except OSError:
-            pass
+        if self.dirty:  # a read-only home only costs re-hashing next time
+            write_json_best_effort(self.path, self.entries)
 
 
 def read_artifact(directory: str | Path, verify: bool = True) -> Artifact:
