@@ -22,6 +22,7 @@ import hashlib
 import json
 import os
 import shutil
+import sys
 import tempfile
 import time
 import warnings
@@ -33,9 +34,17 @@ import onnx
 import onnx.inliner
 from onnx import helper, numpy_helper
 
-from moeport.exporter.manifest import Artifact, read_json_or, sha256_file, user_cache_file, write_json_best_effort
+from moeport.exporter.manifest import (
+    MANIFEST,
+    Artifact,
+    read_json_or,
+    sha256_file,
+    user_cache_file,
+    write_json_best_effort,
+)
 
 from .base import API_VERSION, Availability, BackendError
+from .tvm_target import TargetError, canonical, cross_linker, host_arch, is_cross, parse_target, target_arch
 
 _PREP_VERSION = 1  # bump when the graph rewrites below change (invalidates cached libraries)
 
@@ -207,17 +216,27 @@ def prepare_graph(model):
 class TvmProgram:
     """A Relax VM over the built library; inputs are passed positionally in graph-input order."""
 
-    def __init__(self, lib: Any, input_names: list[str], output_names: list[str], cache_hit: bool, build_s: float):
+    def __init__(
+        self,
+        lib: Any,
+        input_names: list[str],
+        output_names: list[str],
+        cache_hit: bool,
+        build_s: float,
+        library: Path | None = None,
+    ):
         import tvm
-        from tvm import relax
+        from tvm.runtime.vm import VirtualMachine  # the runtime's VM: no compiler needed
 
+        _load_runtime_extra(tvm)
         self._tvm = tvm
         self.lib = lib
-        self.vm = relax.VirtualMachine(lib, tvm.cpu())
+        self.vm = VirtualMachine(lib, tvm.cpu())
         self.input_names = list(input_names)
         self.output_names = list(output_names)
         self.cache_hit = cache_hit
         self.build_seconds = build_s
+        self.library = library
 
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         tvm = self._tvm
@@ -238,16 +257,59 @@ class TvmProgram:
         return {n: o.numpy() for n, o in zip(self.output_names, outs, strict=True)}
 
 
-def _cache_key(artifact: Artifact, target: str, tvm_version: str) -> str:
+def _load_runtime_extra(tvm: Any) -> None:
+    """libtvm_runtime_extra holds kernels the built library calls (``tvm.contrib.sort.topk`` for MoE
+    routing). ``import tvm`` loads it only with the compiler; runtime-only mode needs it too."""
+    libs = getattr(tvm.base, "_LOADED_LIBS", None)
+    if libs is None or "tvm_runtime_extra" in libs:
+        return
+    from tvm_ffi.libinfo import load_lib_ctypes
+
+    try:
+        runtime_dir = Path(libs["tvm_runtime"]._name).resolve().parent
+        libs["tvm_runtime_extra"] = load_lib_ctypes(
+            package="tvm", target_name="tvm_runtime_extra", extra_lib_paths=[runtime_dir], mode="RTLD_LOCAL"
+        )
+    except (KeyError, OSError, RuntimeError):
+        pass  # an older/newer TVM layout: a missing kernel is reported by the VM when called
+
+
+class CrossCompiledProgram:
+    """A library built for another CPU architecture: written into the artifact for deployment, not run here."""
+
+    def __init__(
+        self, library: Path, input_names: list[str], output_names: list[str], arch: str, cache_hit: bool, build_s: float
+    ):
+        self.library = library
+        self.input_names = list(input_names)
+        self.output_names = list(output_names)
+        self.arch = arch
+        self.cache_hit = cache_hit
+        self.build_seconds = build_s
+
+    def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        raise BackendError(
+            f"tvm: {self.library} holds {self.arch} code and this machine is {host_arch()}: copy the artifact "
+            f"(with its compiled/ directory) to the {self.arch} machine and run it there"
+        )
+
+
+def _base_key(artifact: Artifact, tvm_version: str) -> str:
+    """What a library's code depends on besides the target: the graph and weights, TVM, this file."""
     h = hashlib.sha256()
     files = artifact.manifest.get("files", {})
     h.update(json.dumps({k: v.get("sha256") for k, v in sorted(files.items())}, sort_keys=True).encode())
-    h.update(f"{target}|{tvm_version}|{_PREP_VERSION}".encode())
-    h.update(Path(__file__).read_bytes())  # the graph rewrites and build steps in this file
+    h.update(f"{tvm_version}|{_PREP_VERSION}".encode())
+    h.update(Path(__file__).read_bytes())  # the graph rewrites and the calling convention in this file
     return h.hexdigest()[:16]
 
 
+def _dir_key(base: str, target: dict[str, Any]) -> str:
+    return hashlib.sha256(f"{base}|{canonical(target)}".encode()).hexdigest()[:16]
+
+
 _TRUSTED = "trusted-libraries.json"
+SHIPPED = "compiled"  # manifest section: libraries `moeport compile` built and vouches for, by relative path
 
 
 def _trusted() -> set[str]:
@@ -260,9 +322,81 @@ def _trust(lib: Path) -> None:
     write_json_best_effort(user_cache_file(_TRUSTED), sorted(_trusted() | {sha256_file(lib)}))
 
 
+def _rel(artifact: Artifact, path: Path) -> str:
+    return path.relative_to(artifact.directory).as_posix()
+
+
+def _untrusted(artifact: Artifact, lib: Path) -> str | None:
+    """Why ``lib`` may not be loaded, or None: native code is loaded only if the artifact's manifest
+    lists its sha256 (``moeport compile`` does) or this machine built it."""
+    sha = sha256_file(lib)
+    entry = artifact.manifest.get(SHIPPED, {}).get(_rel(artifact, lib))
+    listed = isinstance(entry, dict) and entry.get("sha256") == sha
+    if listed or sha in _trusted():
+        return None
+    if isinstance(entry, dict):
+        return f"its sha256 does not match the one {MANIFEST} lists (modified or damaged)"
+    return f"its sha256 is not listed in {MANIFEST} and this machine did not build it"
+
+
+def _ship(artifact: Artifact, lib: Path, meta: dict[str, Any]) -> None:
+    """List ``lib`` and its sha256 in the manifest, so copies of the artifact may load it without a rebuild."""
+    path = artifact.directory / MANIFEST
+    manifest = json.loads(path.read_text())
+    shipped = {k: v for k, v in manifest.get(SHIPPED, {}).items() if (artifact.directory / k).is_file()}
+    shipped[_rel(artifact, lib)] = {
+        "sha256": sha256_file(lib),
+        "size": lib.stat().st_size,
+        **{k: meta[k] for k in ("target", "arch", "tvm")},
+    }
+    manifest[SHIPPED] = shipped
+    tmp = path.with_name(f".{MANIFEST}.tmp{os.getpid()}")
+    tmp.write_text(json.dumps(manifest, indent=2))
+    os.replace(tmp, path)
+    artifact.manifest[SHIPPED] = shipped
+
+
+def _compiler_available(tvm: Any) -> bool:
+    """False in TVM's runtime-only mode (TVM_USE_RUNTIME_LIB=1, or no loadable libtvm_compiler)."""
+    if getattr(tvm.base, "_RUNTIME_ONLY", False):
+        return False
+    try:
+        from tvm import relax  # noqa: F401
+    except Exception:
+        return False
+    return True
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def _check_target(tvm: Any, target: dict[str, Any], text: str) -> Any:
+    """TVM's Target for ``target``, refused early (before a long build) when TVM or LLVM would reject it."""
+    try:
+        tvm_target = tvm.target.Target(target)
+    except Exception as exc:
+        raise BackendError(f"tvm: could not compile for target {text!r}: TVM rejects it: {_first_line(exc)}") from exc
+    if target.get("kind") != "llvm":
+        raise BackendError(
+            f"tvm: could not compile for target {text!r}: the tvm backend builds for CPUs (kind 'llvm'), "
+            f"not {target['kind']!r}"
+        )
+    from tvm.target import codegen
+
+    arch = str(target.get("mtriple", "")).split("-")[0]
+    if arch and arch not in list(codegen.llvm_get_targets()):
+        raise BackendError(f"tvm: could not compile for target {text!r}: TVM's LLVM has no {arch!r} architecture")
+    cpu = target.get("mcpu")
+    if cpu and cpu not in list(codegen.llvm_get_cpu_archlist(tvm_target)):
+        raise BackendError(f"tvm: could not compile for target {text!r}: LLVM knows no CPU {cpu!r} for this triple")
+    return tvm_target
+
+
 class TvmBackend:
     name = "tvm"
-    description = "Apache TVM Relax, compiled for the host CPU (llvm); reference MoE/QLinear bodies"
+    description = "Apache TVM Relax, compiled for CPUs (llvm, cross-compiles); reference MoE/QLinear bodies"
     priority = 5
     api_version = API_VERSION
 
@@ -271,29 +405,126 @@ class TvmBackend:
             import tvm
         except Exception:
             return Availability(False, "apache-tvm not installed (pip install 'moeport[tvm]')")
+        if not _compiler_available(tvm):
+            return Availability(True, f"apache-tvm {tvm.__version__}, runtime only: runs libraries compiled elsewhere")
         return Availability(True, f"apache-tvm {tvm.__version__}")
 
-    def compile(self, artifact: Artifact, options: dict[str, Any]) -> TvmProgram:
+    def compile(self, artifact: Artifact, options: dict[str, Any]) -> TvmProgram | CrossCompiledProgram:
+        """Load the artifact's compiled library for ``options["target"]`` (default llvm for this CPU), or
+        build it. Options: ``target``, ``cache`` (default True), ``rebuild``, ``ship`` (list the library
+        in the manifest, as ``moeport compile`` does), ``progress`` (default True: say so on stderr
+        before a build)."""
         import tvm
+
+        text = str(options.get("target") or "llvm")
+        try:
+            target = parse_target(text)
+        except TargetError as exc:
+            raise BackendError(f"tvm: could not compile: {exc}") from exc
+        compiler = _compiler_available(tvm)
+        graph = onnx.load(str(artifact.graph_path), load_external_data=False)
+        names = ([i.name for i in graph.graph.input], [o.name for o in graph.graph.output])
+        base = _base_key(artifact, tvm.__version__)
+        root = Path(artifact.directory) / "compiled"
+        cache_dir = root / f"tvm-{_dir_key(base, target)}"
+        use_cache, ship = options.get("cache", True), bool(options.get("ship"))
+
+        refused: list[str] = []  # "path: why" of each library found but not loaded
+        if use_cache and not options.get("rebuild"):
+            for d in self._candidates(artifact, root, cache_dir, base, target, bool(options.get("target")), compiler):
+                lib = d / "lib.so"
+                why = _untrusted(artifact, lib)
+                if why:
+                    refused.append(f"refusing to load {lib}: {why}")
+                    continue
+                meta = json.loads((d / "meta.json").read_text())
+                if ship:
+                    _ship(artifact, lib, meta)
+                if meta["arch"] != host_arch():
+                    return CrossCompiledProgram(lib, *names, meta["arch"], True, 0.0)
+                try:
+                    return TvmProgram(tvm.runtime.load_module(str(lib)), *names, True, 0.0, library=lib)
+                except Exception as exc:  # damaged: rebuild below (or refuse in runtime-only mode)
+                    refused.append(f"cannot load {lib}: {_first_line(exc)}")
+        if not compiler:
+            raise BackendError(self._cannot_build(artifact, root, text, refused))
+        for problem in refused:
+            _say(options, f"tvm: {problem}; rebuilding")
+        return self._build(tvm, artifact, target, text, base, cache_dir, names, use_cache, ship, options)
+
+    @staticmethod
+    def _candidates(
+        artifact: Artifact,
+        root: Path,
+        cache_dir: Path,
+        base: str,
+        target: dict[str, Any],
+        explicit: bool,
+        compiler: bool,
+    ) -> list[Path]:
+        """Cached libraries that fit: the one for exactly this target, then (no target given) one built for
+        this CPU architecture that the manifest ships or, without a compiler, any such one."""
+        import tvm
+
+        found = []
+        others = sorted(root.glob("tvm-*/meta.json"), key=lambda p: p.stat().st_mtime, reverse=True)
+        for meta_path in [cache_dir / "meta.json", *(p for p in others if p.parent != cache_dir)]:
+            d = meta_path.parent
+            meta = read_json_or(meta_path, None)
+            if not isinstance(meta, dict) or not (d / "lib.so").is_file():
+                continue
+            if meta.get("base") != base or meta.get("tvm") != tvm.__version__:
+                continue  # another graph, TVM version or moeport: never loaded
+            if d == cache_dir:
+                if meta.get("target_json") == canonical(target):
+                    found.append(d)
+            elif not explicit and meta.get("arch") == host_arch():
+                if not compiler or _rel(artifact, d / "lib.so") in artifact.manifest.get(SHIPPED, {}):
+                    found.append(d)
+        return found
+
+    @staticmethod
+    def _cannot_build(artifact: Artifact, root: Path, text: str, refused: list[str]) -> str:
+        import tvm
+
+        why = "TVM's compiler is not loaded here (runtime-only apache-tvm), so it cannot be rebuilt"
+        if refused:
+            return f"tvm: {refused[0]}; {why}"
+        found = sorted(
+            f"{m.get('arch')}/apache-tvm {m.get('tvm')}/{m.get('target')!r}"
+            for m in (read_json_or(p, {}) for p in root.glob("tvm-*/meta.json"))
+        )
+        have = (
+            f" (it has libraries for: {', '.join(found)}; they need the same moeport and apache-tvm)" if found else ""
+        )
+        return (
+            f"tvm: {artifact.directory} has no compiled library for this machine ({host_arch()}, apache-tvm "
+            f"{tvm.__version__}, target {text!r}){have}; {why}: run `moeport compile ARTIFACT --backend tvm "
+            "--target ...` on a machine with the full apache-tvm and copy the artifact with its compiled/ directory"
+        )
+
+    def _build(
+        self,
+        tvm: Any,
+        artifact: Artifact,
+        target: dict[str, Any],
+        text: str,
+        base: str,
+        cache_dir: Path,
+        names: tuple[list[str], list[str]],
+        use_cache: bool,
+        ship: bool,
+        options: dict[str, Any],
+    ) -> TvmProgram | CrossCompiledProgram:
         from tvm import relax
 
-        target = str(options.get("target") or "llvm")
-        graph = onnx.load(str(artifact.graph_path), load_external_data=False)
-        input_names = [i.name for i in graph.graph.input]
-        output_names = [o.name for o in graph.graph.output]
-        key = _cache_key(artifact, target, tvm.__version__)
-        cache_dir = Path(artifact.directory) / "compiled" / f"tvm-{key}"
-        lib_path, meta_path = cache_dir / "lib.so", cache_dir / "meta.json"
-        use_cache = options.get("cache", True)
-        if use_cache and not options.get("rebuild") and lib_path.is_file() and meta_path.is_file():
-            try:
-                meta = json.loads(meta_path.read_text())
-                trusted = sha256_file(lib_path) in _trusted()  # native code: only what this machine built
-                if trusted and meta.get("key") == key and meta.get("tvm") == tvm.__version__:
-                    lib = tvm.runtime.load_module(str(lib_path))
-                    return TvmProgram(lib, input_names, output_names, True, 0.0)
-            except Exception:
-                pass  # a damaged cache entry: rebuild below
+        tvm_target = _check_target(tvm, target, text)
+        cross = is_cross(target)
+        try:
+            linker, fcompile = cross_linker(target) if cross else ("cc", None)
+        except TargetError as exc:
+            raise BackendError(f"tvm: cannot build for {text!r}: {exc}") from exc
+        _say(options, f"tvm: compiling {artifact.directory} for {text} (once; cached in {cache_dir}) ...")
         start = time.perf_counter()
         try:
             model = onnx.load(str(artifact.graph_path))  # external data loads with it
@@ -304,31 +535,51 @@ class TvmBackend:
             with warnings.catch_warnings():  # "Renaming name past_latent.0 to past_latent_0": inputs are positional
                 warnings.simplefilter("ignore")
                 mod = from_onnx(model, keep_params_in_input=False)
-            ex = relax.build(mod, target=target)
+            ex = relax.build(mod, target=tvm_target)
         except Exception as exc:
-            raise BackendError(f"tvm: could not compile {artifact.graph_path}: {exc}") from exc
+            raise BackendError(f"tvm: could not compile {artifact.graph_path}: {_first_line(exc)}") from exc
         build_s = time.perf_counter() - start
-        if not use_cache:
-            return TvmProgram(ex, input_names, output_names, False, build_s)
+        if not use_cache and not cross:
+            return TvmProgram(ex, *names, False, build_s)
         cache_dir.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".tvm-{key}-", dir=cache_dir.parent))
+        tmp = Path(tempfile.mkdtemp(prefix=f".{cache_dir.name}-", dir=cache_dir.parent))
         try:
-            ex.export_library(str(tmp / "lib.so"))
+            try:
+                ex.export_library(str(tmp / "lib.so"), fcompile=fcompile)
+            except Exception as exc:
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise BackendError(f"tvm: could not link the library for {text!r} with {linker}: {exc}") from exc
             meta = {
-                "key": key,
+                "key": cache_dir.name.removeprefix("tvm-"),
+                "base": base,
                 "tvm": tvm.__version__,
-                "target": target,
+                "target": text,
+                "target_json": canonical(target),
+                "arch": target_arch(target),
+                "linker": linker,
                 "build_seconds": build_s,
-                "inputs": input_names,
-                "outputs": output_names,
+                "sha256": sha256_file(tmp / "lib.so"),
+                "inputs": names[0],
+                "outputs": names[1],
             }
             (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
             _trust(tmp / "lib.so")
             if cache_dir.exists():
                 shutil.rmtree(cache_dir, ignore_errors=True)
             os.replace(tmp, cache_dir)
-        except OSError:
-            shutil.rmtree(tmp, ignore_errors=True)  # read-only artifact dir: run without caching
-            return TvmProgram(ex, input_names, output_names, False, build_s)
-        lib = tvm.runtime.load_module(str(lib_path))
-        return TvmProgram(lib, input_names, output_names, False, build_s)
+        except OSError as exc:
+            shutil.rmtree(tmp, ignore_errors=True)
+            if cross:
+                raise BackendError(f"tvm: cannot write the cross-compiled library into {cache_dir}: {exc}") from exc
+            return TvmProgram(ex, *names, False, build_s)  # read-only artifact dir: run without caching
+        lib = cache_dir / "lib.so"
+        if ship:
+            _ship(artifact, lib, meta)
+        if cross:
+            return CrossCompiledProgram(lib, *names, meta["arch"], False, build_s)
+        return TvmProgram(tvm.runtime.load_module(str(lib)), *names, False, build_s, library=lib)
+
+
+def _say(options: dict[str, Any], message: str) -> None:
+    if options.get("progress", True):
+        print(message, file=sys.stderr, flush=True)

@@ -12,6 +12,8 @@ import pytest
 pytest.importorskip("tvm", reason="apache-tvm not installed (pip install 'moeport[tvm]')")
 
 from moeport.backends.tvm import TvmBackend  # noqa: E402
+from moeport.backends.tvm_target import host_arch  # noqa: E402
+from moeport.exporter.manifest import sha256_file  # noqa: E402
 from moeport.runtime import load  # noqa: E402
 
 PROMPT = [1, 5, 9, 33, 70, 2, 8, 100, 200, 3]
@@ -114,9 +116,7 @@ def test_a_library_this_machine_did_not_build_is_never_loaded(tmp_path):
     shutil.rmtree(art / "compiled")
 
 
-def test_compile_command_then_run_uses_the_cache(tmp_path):
-    import json
-
+def test_run_compiles_on_first_use_then_compile_ships_the_same_library(tmp_path):
     from click.testing import CliRunner
 
     from moeport.exporter import export
@@ -124,11 +124,80 @@ def test_compile_command_then_run_uses_the_cache(tmp_path):
 
     art = export("zoo:tiny-reasoner", tmp_path / "art")
     runner = CliRunner()
-    first = runner.invoke(main, ["compile", str(art), "--backend", "tvm"])
-    assert first.exit_code == 0 and "compiled for backend 'tvm'" in first.output, first.output
-    again = runner.invoke(main, ["compile", str(art), "--backend", "tvm"])
-    assert "cached build reused" in again.output
-    r = runner.invoke(main, ["run", str(art), "--backend", "tvm", "--prompt", "347+58", "--chat", "--json"])
-    assert json.loads(r.output.strip().splitlines()[-1])["content"] == "405"
-    bad = runner.invoke(main, ["compile", str(art), "--backend", "tvm", "--target", "not-a-target"])
-    assert bad.exit_code != 0 and "could not compile" in bad.output
+    chat = ["run", str(art), "--backend", "tvm", "--prompt", "347+58", "--chat", "--json"]
+    first = runner.invoke(main, chat)
+    assert first.exit_code == 0, first.output
+    assert "tvm: compiling" in first.stderr  # the one-time build says so (stderr; stdout stays JSON)
+    assert json.loads(first.stdout.strip().splitlines()[-1])["content"] == "405"
+    assert "compiled" not in json.loads((art / "manifest.json").read_text())  # a run does not ship
+
+    shipped = runner.invoke(main, ["compile", str(art), "--backend", "tvm"])
+    assert shipped.exit_code == 0 and "cached build reused for backend 'tvm'" in shipped.stdout, shipped.output
+    lib = next((art / "compiled").glob("tvm-*/lib.so"))
+    entry = json.loads((art / "manifest.json").read_text())["compiled"][lib.relative_to(art).as_posix()]
+    assert entry["sha256"] == sha256_file(lib) and entry["arch"] == host_arch() and entry["target"] == "llvm"
+    again = runner.invoke(main, chat)
+    assert "tvm: compiling" not in again.stderr
+    assert json.loads(again.stdout.strip().splitlines()[-1])["content"] == "405"
+
+
+@pytest.mark.parametrize(
+    "target, message",
+    [
+        ("not-a-target", 'Target kind "not-a-target" is not defined'),
+        ("llvm -mtriple=nosuchcpu-linux-gnu", "TVM's LLVM has no 'nosuchcpu' architecture"),
+        ("llvm -mcpu=nonsense", "LLVM knows no CPU 'nonsense'"),
+        ("llvm -bogus-flag=1", "Unknown config option 'bogus-flag'"),
+        ("-mtriple=aarch64-linux-gnu", "expected a kind first"),
+    ],
+)
+def test_a_target_tvm_rejects_is_refused_before_building(tvm_artifact, target, message):
+    from click.testing import CliRunner
+
+    from moeport.tools.cli import main
+
+    start = time.perf_counter()
+    bad = CliRunner().invoke(main, ["compile", str(tvm_artifact), "--backend", "tvm", "--target", target])
+    assert bad.exit_code == 1 and "could not compile" in bad.output and message in bad.output, bad.output
+    assert "Traceback" not in bad.output and time.perf_counter() - start < 5  # refused up front, no build
+
+
+@pytest.mark.parametrize("field, value", [("tvm", "0.0.1"), ("target_json", '{"kind": "llvm", "mcpu": "x"}')])
+def test_a_library_built_for_another_tvm_or_target_is_rebuilt_never_loaded(
+    tiny_checkpoint, tmp_path, monkeypatch, field, value
+):
+    import tvm
+
+    from moeport.exporter import export
+
+    art = export(tiny_checkpoint, tmp_path / "art")
+    load(art, backend="tvm", progress=False)
+    meta_path = next((art / "compiled").glob("tvm-*/meta.json"))
+    meta = json.loads(meta_path.read_text())
+    meta[field] = value
+    meta_path.write_text(json.dumps(meta))
+    loaded = []
+    real = tvm.runtime.load_module
+
+    def spy(path, *args):
+        loaded.append((path, json.loads(meta_path.read_text())[field]))  # the meta of what is loaded
+        return real(path, *args)
+
+    monkeypatch.setattr(tvm.runtime, "load_module", spy)
+    again = load(art, backend="tvm", progress=False).program
+    assert not again.cache_hit
+    assert len(loaded) == 1 and loaded[0][1] != value  # only the rebuilt library (current meta) was loaded
+
+
+def test_tvm_not_installed_names_the_extra(monkeypatch):
+    import sys
+
+    from moeport.backends.base import BackendError, get_backend
+
+    for name in [m for m in sys.modules if m == "tvm" or m.startswith("tvm.")]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setitem(sys.modules, "tvm", None)  # import tvm -> ImportError
+    status = TvmBackend().availability()
+    assert not status.available and "pip install 'moeport[tvm]'" in status.reason
+    with pytest.raises(BackendError, match=r"backend 'tvm' is not available: apache-tvm not installed"):
+        get_backend("tvm")

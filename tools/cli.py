@@ -401,17 +401,25 @@ def backends_cmd(as_json: bool) -> None:
 @main.command("compile")
 @click.argument("artifact_dir", type=click.Path(path_type=Path))
 @click.option("--backend", required=True, help="Backend to compile for (see `moeport backends`).")
-@click.option("--target", default=None, help="Compiler target where the backend has one, e.g. tvm's 'llvm'.")
+@click.option(
+    "--target",
+    default=None,
+    help="Compiler target where the backend has one, e.g. tvm's 'llvm' (this CPU) or "
+    "'llvm -mtriple=aarch64-linux-gnu -mattr=+neon,+dotprod' (cross-compile for an Arm board).",
+)
 @backend_option
 def compile_cmd(artifact_dir: Path, backend: str, target: str | None, backend_options: dict) -> None:
     """Compile ARTIFACT_DIR ahead of time for a backend; the result is cached in the artifact when the
-    backend caches builds (tvm: ARTIFACT_DIR/compiled/), so `moeport run` starts without compiling."""
-    options = {**backend_options, **({"target": target} if target else {})}
+    backend caches builds (tvm: ARTIFACT_DIR/compiled/, its sha256 listed in the manifest so a copy of
+    the artifact runs on a runtime-only install), so `moeport run` starts without compiling."""
+    options = {"ship": True, **backend_options, **({"target": target} if target else {})}
     click.echo(f"compiling {artifact_dir} for {backend}{f' ({target})' if target else ''} ...", err=True)
     model = load(artifact_dir, backend=backend, **options)
     hit = getattr(model.program, "cache_hit", None)
     how = "cached build reused" if hit else "compiled"
-    click.echo(f"{how} for backend '{model.backend_name}' in {model.load_seconds:.2f}s")
+    library = getattr(model.program, "library", None)
+    where = f": {library}" if library else ""
+    click.echo(f"{how} for backend '{model.backend_name}' in {model.load_seconds:.2f}s{where}")
 
 
 @main.command("inspect")
