@@ -27,6 +27,7 @@ ENTRY_POINT_GROUP = "moeport.backends"
 _BUILTIN = {
     "cpu": "moeport.backends.cpu:CpuBackend",
     "tvm": "moeport.backends.tvm:TvmBackend",
+    "nvidia": "moeport.backends.nvidia:NvidiaBackend",
 }
 
 
