@@ -28,6 +28,8 @@ _BUILTIN = {
     "cpu": "moeport.backends.cpu:CpuBackend",
     "tvm": "moeport.backends.tvm:TvmBackend",
     "nvidia": "moeport.backends.nvidia:NvidiaBackend",
+    "npu": "moeport.backends.npu:NpuBackend",
+    "npu-sim": "moeport.backends.npu:NpuSimBackend",
 }
 
 

@@ -12,8 +12,9 @@ class LatentCache:
     decode step costs O(new rows), not O(context). Buffers double when full (amortized O(1)).
     """
 
-    def __init__(self, layers: int, dim: int, dtype: np.dtype = np.float32, capacity: int = 16):
-        self.layers, self.dim, self.dtype = layers, dim, np.dtype(dtype)
+    def __init__(self, layers: int, dim: int, dtype: np.dtype = np.float32, capacity: int = 16, fixed: bool = False):
+        """``fixed``: the capacity never grows (static-shape backends get the whole buffers every step)."""
+        self.layers, self.dim, self.dtype, self.fixed = layers, dim, np.dtype(dtype), fixed
         self.buffers = [np.zeros((1, capacity, dim), self.dtype) for _ in range(layers)]
         self.length = 0
 
@@ -35,6 +36,8 @@ class LatentCache:
         n = rows[0].shape[1]
         need = self.length + n
         if need > self.capacity:
+            if self.fixed:
+                raise ValueError(f"the cache holds {self.capacity} rows; {self.length} + {n} do not fit")
             capacity = max(need, 2 * self.capacity)
             grown = []
             for buf in self.buffers:
@@ -50,7 +53,8 @@ class LatentCache:
         self.length = length
 
     def copy(self) -> LatentCache:
-        other = LatentCache(self.layers, self.dim, self.dtype, capacity=max(self.length, 16))
+        capacity = self.capacity if self.fixed else max(self.length, 16)
+        other = LatentCache(self.layers, self.dim, self.dtype, capacity=capacity, fixed=self.fixed)
         if self.length:
             other.append(self.views())
         return other

@@ -67,8 +67,9 @@ class Request:
         if params.on_context_limit == "error" and start + len(ids) + params.max_new_tokens > limit:
             raise GenerationError(
                 f"prompt ({start + len(ids)} tokens) + max_new_tokens ({params.max_new_tokens}) exceeds the max "
-                f"sequence length {limit}; lower max_new_tokens or let generation stop at the limit "
-                "(on_context_limit='stop')"
+                f"sequence length {limit}"
+                + (" (the cache capacity of the static graphs)" if model.cache_capacity is not None else "")
+                + "; lower max_new_tokens or let generation stop at the limit (on_context_limit='stop')"
             )
         self.pending: list[int] = [int(t) for t in ids]
         self.prompt_tokens = len(ids)

@@ -52,6 +52,11 @@ class Model:
         self.config = artifact.config
         self.vocab_size = artifact.vocab_size
         self.max_seq_len = artifact.max_seq_len
+        # static-shape programs (npu) take fixed-capacity cache buffers of their own dtype, whole, every step
+        self.cache_capacity: int | None = getattr(program, "cache_capacity", None)
+        self.cache_dtype = np.dtype(getattr(program, "cache_dtype", np.float32))
+        if self.cache_capacity is not None:
+            self.max_seq_len = min(self.max_seq_len, self.cache_capacity)
         cache = artifact.cache
         self.num_layers: int = cache["layers"]
         self.latent_dim: int = cache["dim"]
@@ -136,6 +141,8 @@ class Model:
         sessions = [s for s, _ in items]
         if len({id(s) for s in sessions}) != len(sessions):
             raise GenerationError("the same session appears twice in one batch")
+        if self.cache_capacity is not None and len(items) > 1:  # static graphs: one sequence per call
+            return [self.forward_batch([item], logits_to_keep)[0] for item in items]
         locks = sorted(sessions, key=id)
         for s in locks:
             s._lock.acquire()
@@ -146,14 +153,21 @@ class Model:
             keep = min(max(1, logits_to_keep), n)
             ids = np.zeros((b, n), np.int64)
             pos = np.zeros((b, n), np.int64)
+            if self.cache_capacity is not None:  # the whole fixed buffers; rows past the sequence are masked
+                p = self.cache_capacity
             mask = np.zeros((b, p + n), np.int64)
             for r, (new, past) in enumerate(zip(news, pasts, strict=True)):
                 k = len(new)
                 ids[r, n - k :] = new
                 pos[r, n - k :] = np.arange(past, past + k)
-                mask[r, p - past : p] = 1
+                if self.cache_capacity is not None:
+                    mask[r, :past] = 1  # the sequence's rows start the fixed buffer
+                else:
+                    mask[r, p - past : p] = 1  # right-aligned just before the new-token block
                 mask[r, p + n - k :] = 1
-            if b == 1:
+            if self.cache_capacity is not None:
+                caches = list(sessions[0].cache.buffers)
+            elif b == 1:
                 caches = sessions[0].cache.views()
             else:
                 caches = [np.zeros((b, p, self.latent_dim), np.float32) for _ in range(self.num_layers)]
@@ -197,7 +211,11 @@ class Session:
     def reset(self) -> None:
         """Forget the sequence: empty cache, position 0."""
         with self._lock:
-            self.cache = LatentCache(self.model.num_layers, self.model.latent_dim)
+            m = self.model
+            if m.cache_capacity is None:
+                self.cache = LatentCache(m.num_layers, m.latent_dim)
+            else:
+                self.cache = LatentCache(m.num_layers, m.latent_dim, m.cache_dtype, m.cache_capacity, fixed=True)
             self.tokens: list[int] = []
 
     def fork(self) -> Session:
@@ -235,6 +253,7 @@ class Session:
             raise GenerationError(
                 f"context too long: {self.position} cached + {len(ids)} new tokens > max sequence length "
                 f"{self.model.max_seq_len}"
+                + (" (the cache capacity of the static graphs)" if self.model.cache_capacity is not None else "")
             )
         return ids.astype(np.int64)
 

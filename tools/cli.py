@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import sys
@@ -152,6 +153,52 @@ backend_option = click.option(
 )
 
 
+_NPU_FLAGS = ("buckets", "cache_capacity", "npu_dtype", "device_id", "npu_mem_limit", "precision_mode", "cann_graph")
+
+
+def npu_options(f):
+    """The npu/npu-sim backend's flags; given ones are added to the backend options."""
+    options = [
+        click.option("--buckets", default=None, help="npu: prefill bucket sizes, increasing (default 32,128,512)."),
+        click.option(
+            "--cache-capacity",
+            type=click.IntRange(min=2),
+            default=None,
+            help="npu: rows of the fixed-capacity latent cache (default: the artifact's max sequence length).",
+        ),
+        click.option(
+            "--npu-dtype", type=click.Choice(["float16", "bfloat16"]), default=None, help="npu: compute dtype."
+        ),
+        click.option("--device-id", type=click.IntRange(min=0), default=None, help="npu: the Ascend device to use."),
+        click.option(
+            "--npu-mem-limit", type=click.IntRange(min=1), default=None, help="npu: CANN memory arena limit in bytes."
+        ),
+        click.option(
+            "--precision-mode",
+            default=None,
+            help="npu: CANN precision mode (default must_keep_origin_dtype: the graphs' own mixed precision).",
+        ),
+        click.option(
+            "--enable-cann-graph/--disable-cann-graph",
+            "cann_graph",
+            default=None,
+            help="npu: run whole graphs on CANN's graph engine (default) or operator by operator.",
+        ),
+    ]
+
+    @functools.wraps(f)
+    def wrapper(*args, **kwargs):
+        given = {k: kwargs.pop(k) for k in _NPU_FLAGS}
+        names = {"npu_dtype": "dtype", "cann_graph": "enable_cann_graph"}
+        extra = {names.get(k, k): v for k, v in given.items() if v is not None}
+        kwargs["backend_options"] = {**(kwargs.get("backend_options") or {}), **extra}
+        return f(*args, **kwargs)
+
+    for option in reversed(options):
+        wrapper = option(wrapper)
+    return wrapper
+
+
 def sampling_options(f):
     """The sampling/stop flags shared by `run` and `chat` (unset flags fall back to generation_config.json)."""
     options = [
@@ -189,6 +236,7 @@ def sampling_options(f):
         ),
         click.option("--threads", type=click.IntRange(min=1), default=None, help="CPU threads (default: all cores)."),
         backend_option,
+        npu_options,
         click.option(
             "--backend",
             default="cpu",
@@ -408,6 +456,7 @@ def backends_cmd(as_json: bool) -> None:
     "'llvm -mtriple=aarch64-linux-gnu -mattr=+neon,+dotprod' (cross-compile for an Arm board).",
 )
 @backend_option
+@npu_options
 def compile_cmd(artifact_dir: Path, backend: str, target: str | None, backend_options: dict) -> None:
     """Compile ARTIFACT_DIR ahead of time for a backend; the result is cached in the artifact when the
     backend caches builds (tvm: ARTIFACT_DIR/compiled/, its sha256 listed in the manifest so a copy of
@@ -495,6 +544,7 @@ def make_checkpoint_cmd(output_dir: Path, preset: str, seed: int, dtype: str | N
 )
 @click.option("--threads", type=click.IntRange(min=1), default=None, help="CPU threads (default: all cores).")
 @backend_option
+@npu_options
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 def bench_cmd(
     artifact_dir: Path,
