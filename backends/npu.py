@@ -879,7 +879,9 @@ class NpuSimBackend(_NpuBase):
 
             return make
 
-        return self._compile(artifact, options, make_session_for)
+        program = self._compile(artifact, options, make_session_for)
+        program.emulated = emulated  # operators run in float32 between casts (filled as graphs load)
+        return program
 
 
 def cann_status() -> Availability:
