@@ -180,6 +180,63 @@ def _array(t: TensorProto) -> np.ndarray:
     return numpy_helper.to_array(t)
 
 
+SMALL_TENSOR = 4096  # elements: smaller initializers are kept inline in each graph
+
+
+class _Weights:
+    """The large tensors of the graphs being specialized, kept out of the protos (which could not hold
+    a real model, and would copy it per graph): each is a placeholder initializer (dtype, dims, external
+    location ``moeport-lazy``) plus a function making its data, called only when the graphs are written.
+    A placeholder's name says how its data is made (``W``, ``W:dequant``, ``W:dequant:T``, ``...:half``),
+    so one name is one tensor in every graph and is stored once."""
+
+    LAZY = "moeport-lazy"
+
+    def __init__(self, directory: Path):
+        self.directory = directory
+        self.make: dict[str, Any] = {}
+
+    def lazy(self, t: TensorProto) -> bool:
+        return t.data_location == TensorProto.EXTERNAL and any(
+            e.key == "location" and e.value == self.LAZY for e in t.external_data
+        )
+
+    def placeholder(self, name: str, data_type: int, dims: Any, make) -> TensorProto:
+        t = TensorProto()
+        t.name, t.data_type = name, data_type
+        t.dims.extend(int(d) for d in dims)
+        t.data_location = TensorProto.EXTERNAL
+        entry = t.external_data.add()
+        entry.key, entry.value = "location", self.LAZY
+        self.make.setdefault(name, make)
+        return t
+
+    def array(self, t: TensorProto) -> np.ndarray:
+        if self.lazy(t):
+            return self.make[t.name]()
+        return numpy_helper.to_array(t, base_dir=str(self.directory))
+
+    def adopt(self, model: onnx.ModelProto) -> None:
+        """The artifact's initializers: small ones read inline, large ones become lazy placeholders."""
+        from onnx.external_data_helper import load_external_data_for_tensor
+
+        for t in model.graph.initializer:
+            if t.data_location != TensorProto.EXTERNAL or self.lazy(t):
+                continue
+            if int(np.prod(t.dims)) <= SMALL_TENSOR:
+                load_external_data_for_tensor(t, str(self.directory))
+                t.data_location = TensorProto.DEFAULT
+                del t.external_data[:]
+            else:
+                source = TensorProto()
+                source.CopyFrom(t)
+                t.CopyFrom(self.placeholder(t.name, t.data_type, t.dims, lambda s=source: self.array(s)))
+
+    def raw(self, t: TensorProto) -> bytes:
+        arr = np.ascontiguousarray(self.make[t.name]())
+        return (arr.view(np.uint16) if t.data_type in (TensorProto.FLOAT16, TensorProto.BFLOAT16) else arr).tobytes()
+
+
 def _top_k(graph: onnx.GraphProto, idx: str, inits: dict[str, TensorProto]) -> int:
     for n in graph.node:
         if idx in n.output and n.op_type == "TopK" and n.input[1] in inits:
@@ -187,18 +244,19 @@ def _top_k(graph: onnx.GraphProto, idx: str, inits: dict[str, TensorProto]) -> i
     raise BackendError(f"npu: cannot find the number of experts per token behind {idx!r}")
 
 
-def _lower_moeport_ops(model: onnx.ModelProto, tokens: int) -> None:
+def _lower_moeport_ops(model: onnx.ModelProto, tokens: int, weights: _Weights) -> None:
     """Replace moeport's operators by float standard-op forms with static shapes (in place).
 
+    Weights stored narrower than float32 (a Cast of an initializer) become float32 placeholders;
     QLinear -> Gemm on the dequantized weight; QMoE -> MoE on dequantized experts; MoE with
     tokens*k <= experts keeps its reference body (gathers the chosen experts), a larger one becomes
     the dense form: every expert on every token, results weighted by the (zero when unrouted) weights.
     """
     g = model.graph
     inits = {t.name: t for t in g.initializer}
-    producers = {o: n for n in g.node for o in n.output}
     new_nodes: list[onnx.NodeProto] = []
     added: dict[str, TensorProto] = {}
+    renamed: dict[str, str] = {}
     count = [0]
 
     def fresh(hint: str) -> str:
@@ -215,15 +273,29 @@ def _lower_moeport_ops(model: onnx.ModelProto, tokens: int) -> None:
         added[name] = numpy_helper.from_array(np.asarray(value, dtype=dtype), name)
         return name
 
-    def float_weight(value: str) -> np.ndarray:
-        if value in inits:
-            return _array(inits[value]).astype(np.float32)
-        src = producers.get(value)
-        if src is not None and src.op_type == "Cast" and src.input[0] in inits:
-            return _array(inits[src.input[0]]).astype(np.float32)
-        raise BackendError(f"npu: expected a weight initializer behind {value!r}")
+    def derived(name: str, dims: Any, make) -> str:
+        """A float32 placeholder made from other weights (e.g. ``W:dequant``)."""
+        if name not in added:
+            added[name] = weights.placeholder(name, TensorProto.FLOAT, dims, lambda: make().astype(np.float32))
+        return name
+
+    def dequantized(codes: str, scales: str, bits: int, block: int) -> str:
+        c, sc = inits[codes], inits[scales]
+        dims = [*c.dims[:-1], c.dims[-1] * 8 // bits]
+        return derived(
+            f"{codes}:dequant", dims, lambda: dequantize_blocks(weights.array(c), weights.array(sc), bits, block)
+        )
+
+    def source(name: str) -> TensorProto:
+        return added[name] if name in added else inits[name]
 
     for n in g.node:
+        n.input[:] = [renamed.get(v, v) for v in n.input]
+        to = next((a.i for a in n.attribute if a.name == "to"), None)
+        if n.op_type == "Cast" and to == TensorProto.FLOAT and n.input[0] in inits:
+            src = inits[n.input[0]]  # a weight stored as fp16/bf16: one float32 placeholder instead
+            renamed[n.output[0]] = derived(f"{src.name}:float32", src.dims, lambda s=src: weights.array(s))
+            continue
         if n.domain != DOMAIN:
             new_nodes.append(n)
             continue
@@ -232,38 +304,33 @@ def _lower_moeport_ops(model: onnx.ModelProto, tokens: int) -> None:
         bits, block = (int(m.group(1)), int(m.group(2))) if m else (0, 0)
         if kind == "QLinear":
             x, codes, scales = n.input
-            w = dequantize_blocks(_array(inits[codes]), _array(inits[scales]), bits, block)
-            name = fresh("w")
-            added[name] = numpy_helper.from_array(w.astype(np.float32), codes.removesuffix(".codes") + ":dequant")
-            added[name].name = name
-            new_nodes.append(helper.make_node("Gemm", [x, name], list(n.output), name=n.name, transB=1))
+            w = dequantized(codes, scales, bits, block)
+            new_nodes.append(helper.make_node("Gemm", [x, w], list(n.output), name=n.name, transB=1))
             continue
         if kind == "QMoE":
             x, idx, w, guc, gus, dc, ds = n.input
-            gate_up = dequantize_blocks(_array(inits[guc]), _array(inits[gus]), bits, block)
-            down = dequantize_blocks(_array(inits[dc]), _array(inits[ds]), bits, block)
+            gu, dn = dequantized(guc, gus, bits, block), dequantized(dc, ds, bits, block)
         elif kind == "MoE":
-            x, idx, w, gu_name, down_name = n.input
-            gate_up, down = float_weight(gu_name), float_weight(down_name)
+            x, idx, w, gu, dn = n.input
         else:
             raise BackendError(f"npu: no static lowering for moeport operator {n.op_type} ({n.name})")
-        experts, two_i, hidden = gate_up.shape
+        gu_t, dn_t = source(gu), source(dn)
+        experts, two_i, hidden = gu_t.dims
         k = _top_k(g, idx, inits)
         if tokens * k <= experts:  # gather the chosen experts: the reference body, on float weights
-            gu, dn = fresh("gate_up"), fresh("down")
-            added[gu] = numpy_helper.from_array(gate_up.astype(np.float32), gu)
-            added[dn] = numpy_helper.from_array(down.astype(np.float32), dn)
             new_nodes.append(helper.make_node("MoE", [x, idx, w, gu, dn], list(n.output), name=n.name, domain=DOMAIN))
             continue
         # dense: [E, N, 2I] = x @ gate_up^T per expert; y_e = act @ down^T; y = sum_e weight[n, e] * y_e
         name = n.name
-        gu_t = const(gate_up.transpose(0, 2, 1), np.float32)  # [E, H, 2I]
-        dn_t = const(down.transpose(0, 2, 1), np.float32)  # [E, I, H]
-        h = node("MatMul", [node("Unsqueeze", [x, const([0])], name), gu_t], name)  # [E, N, 2I]
+        gu_tr = derived(f"{gu}:T", [experts, hidden, two_i], lambda t=gu_t: weights.array(t).transpose(0, 2, 1))
+        dn_tr = derived(
+            f"{dn}:T", [dn_t.dims[0], dn_t.dims[2], dn_t.dims[1]], lambda t=dn_t: weights.array(t).transpose(0, 2, 1)
+        )
+        h = node("MatMul", [node("Unsqueeze", [x, const([0])], name), gu_tr], name)  # [E, N, 2I]
         gate = node("Slice", [h, const([0]), const([two_i]), const([2]), const([2])], name)
         up = node("Slice", [h, const([1]), const([two_i]), const([2]), const([2])], name)
         act = node("Mul", [node("Mul", [gate, node("Sigmoid", [gate], name)], name), up], name)
-        y = node("MatMul", [act, dn_t], name)  # [E, N, H]
+        y = node("MatMul", [act, dn_tr], name)  # [E, N, H]
         chosen = node("Equal", [node("Unsqueeze", [idx, const([-1])], name), const(np.arange(experts))], name)
         onehot = node("Cast", [chosen], name, to=TensorProto.FLOAT)  # [N, k, E]
         weight = node(
@@ -283,6 +350,9 @@ def _lower_moeport_ops(model: onnx.ModelProto, tokens: int) -> None:
         # Where, not a plain product: an unrouted expert's (ignored) result can never turn into NaN
         y = node("Where", [routed_t, node("Mul", [y, weight_t], name), const(0.0, np.float32)], name)
         new_nodes.append(helper.make_node("ReduceSum", [y, const([0])], list(n.output), name=name, keepdims=0))
+    for o in g.output:
+        if o.name in renamed:
+            raise BackendError(f"npu: graph output {o.name} is a weight")
     del g.node[:]
     g.node.extend(new_nodes)
     g.initializer.extend(added.values())
@@ -335,7 +405,7 @@ def nonstatic_values(model: onnx.ModelProto) -> list[str]:
     return bad
 
 
-def _to_half(model: onnx.ModelProto, half: int, io_half: bool = True) -> onnx.ModelProto:
+def _to_half(model: onnx.ModelProto, half: int, weights: _Weights, io_half: bool = True) -> onnx.ModelProto:
     """Half-precision graph: float values become ``half`` except the float32 islands (see module doc).
 
     Float initializers follow their consumer; float constants are clipped to the half type's finite
@@ -363,8 +433,13 @@ def _to_half(model: onnx.ModelProto, half: int, io_half: bool = True) -> onnx.Mo
 
     def half_init(name: str) -> str:
         if name not in converted:
-            arr = np.clip(_array(inits[name]).astype(np.float32), -finite, finite)
-            t = _half_tensor(arr, name + ":half", half, np_half)
+            src = inits[name]
+            if weights.lazy(src):
+                make = lambda s=src: np.clip(weights.array(s), -finite, finite).astype(np_half)  # noqa: E731
+                t = weights.placeholder(name + ":half", half, src.dims, make)
+            else:
+                arr = np.clip(_array(src).astype(np.float32), -finite, finite)
+                t = _half_tensor(arr, name + ":half", half, np_half)
             new_inits.append(t)
             converted[name] = t.name
         return converted[name]
@@ -466,19 +541,26 @@ def _half_tensor(arr: np.ndarray, name: str, half: int, np_half: Any) -> TensorP
     return t
 
 
-def specialize(artifact: Artifact, tokens: int, capacity: int, dtype: str) -> onnx.ModelProto:
-    """The neutral graph specialized to ``tokens`` new tokens over a ``capacity``-row cache, in ``dtype``."""
+def specialize(
+    artifact: Artifact, tokens: int, capacity: int, dtype: str, weights: _Weights | None = None
+) -> onnx.ModelProto:
+    """The neutral graph specialized to ``tokens`` new tokens over a ``capacity``-row cache, in ``dtype``.
+
+    Large weights stay placeholders of ``weights`` (see :class:`_Weights`); their data is made when
+    the graphs are written."""
     import onnx.inliner
     import onnxscript.optimizer
 
-    model = onnx.load(str(artifact.graph_path))  # with its weights
-    _lower_moeport_ops(model, tokens)
+    weights = weights or _Weights(Path(artifact.directory))
+    model = onnx.load(str(artifact.graph_path), load_external_data=False)
+    weights.adopt(model)
+    _lower_moeport_ops(model, tokens, weights)
     _pin_inputs(model, tokens, capacity, int(artifact.cache["dim"]))
     model = onnx.inliner.inline_local_functions(model)
     del model.functions[:]
     model = onnxscript.optimizer.optimize(model)  # folds every shape computation into constants
     # ONNX Runtime's Python API has no bfloat16 arrays: bfloat16 graphs keep their cache I/O in float32
-    model = _to_half(model, _HALF[dtype], io_half=dtype == "float16")
+    model = _to_half(model, _HALF[dtype], weights, io_half=dtype == "float16")
     bad = nonstatic_values(model)
     if bad:
         raise BackendError(f"npu: {len(bad)} values keep a dynamic shape after specialization, e.g. {bad[:3]}")
@@ -514,7 +596,7 @@ def load_coverage(path: str | Path | None = None) -> dict[str, Any]:
     return ops
 
 
-def _layer_of(node: onnx.NodeProto, producers: dict[str, onnx.NodeProto], inits: set[str]) -> str:
+def _layer_of(node: onnx.NodeProto, producers: dict[str, onnx.NodeProto]) -> str:
     """The decoder layer a node belongs to, from its name or the weights upstream of it."""
     seen: set[str] = set()
     frontier = [node]
@@ -546,16 +628,18 @@ def check_coverage(model: onnx.ModelProto, coverage: dict[str, Any], graph_name:
     for t in g.initializer:
         elem[t.name] = t.data_type
     producers = {o: n for n in g.node for o in n.output}
-    inits = {t.name for t in g.initializer}
     for n in g.node:
-        where = f"node {n.name!r} in {_layer_of(n, producers, inits)} of the {graph_name} graph"
+
+        def where(n: onnx.NodeProto = n) -> str:
+            return f"node {n.name!r} in {_layer_of(n, producers)} of the {graph_name} graph"
+
         spec = coverage.get(n.op_type) if n.domain in ("", "ai.onnx") else None
         if spec is None:
             domain = f"{n.domain}." if n.domain else ""
-            raise BackendError(f"npu: operator {domain}{n.op_type} is not in the CANN coverage list ({where})")
+            raise BackendError(f"npu: operator {domain}{n.op_type} is not in the CANN coverage list ({where()})")
         lo, hi = spec.get("opset", [1, 10**9])
         if not lo <= opset <= hi:
-            raise BackendError(f"npu: {n.op_type} at opset {opset} is outside its covered opsets {lo}-{hi} ({where})")
+            raise BackendError(f"npu: {n.op_type} at opset {opset} is outside its covered opsets {lo}-{hi} ({where()})")
         allowed = set(spec.get("dtypes", []))
         for v in list(n.input) + list(n.output):
             if not v:
@@ -564,7 +648,7 @@ def check_coverage(model: onnx.ModelProto, coverage: dict[str, Any], graph_name:
             if name not in allowed:
                 raise BackendError(
                     f"npu: {n.op_type} on {name} tensors is not in the CANN coverage list "
-                    f"(covered: {', '.join(sorted(allowed))}; {where})"
+                    f"(covered: {', '.join(sorted(allowed))}; {where()})"
                 )
 
 
@@ -588,26 +672,21 @@ def _graph_names(settings: NpuSettings) -> dict[str, int]:
     return names
 
 
-def _write_graphs(directory: Path, graphs: dict[str, onnx.ModelProto]) -> None:
-    """Each graph as ``<name>.onnx``; every large initializer once in the shared ``weights.bin``."""
+def _write_graphs(directory: Path, graphs: dict[str, onnx.ModelProto], weights: _Weights) -> None:
+    """Each graph as ``<name>.onnx``; every large tensor made once, into the shared ``weights.bin``."""
     offsets: dict[str, tuple[int, int]] = {}
     with open(directory / "weights.bin", "wb") as f:
         for name, model in graphs.items():
             for t in model.graph.initializer:
-                if not t.HasField("raw_data"):
-                    t.CopyFrom(numpy_helper.from_array(_array(t), t.name))
-                raw = t.raw_data
-                if len(raw) < 1024:
+                if not weights.lazy(t):
                     continue
-                digest = hashlib.sha1(raw).hexdigest()
-                if digest not in offsets:
-                    pad = (-f.tell()) % 4096
-                    f.write(b"\0" * pad)
-                    offsets[digest] = (f.tell(), len(raw))
+                if t.name not in offsets:
+                    raw = weights.raw(t)
+                    f.write(b"\0" * ((-f.tell()) % 4096))
+                    offsets[t.name] = (f.tell(), len(raw))
                     f.write(raw)
-                offset, length = offsets[digest]
-                t.ClearField("raw_data")
-                t.data_location = TensorProto.EXTERNAL
+                    del raw
+                offset, length = offsets[t.name]
                 del t.external_data[:]
                 for key, value in (("location", "weights.bin"), ("offset", str(offset)), ("length", str(length))):
                     entry = t.external_data.add()
@@ -633,12 +712,13 @@ def build_graphs(artifact: Artifact, settings: NpuSettings, coverage: dict[str, 
         log.warning("npu: cached graphs in %s are damaged or stale; rebuilding", cache_dir)
     start = time.perf_counter()
     graphs = {}
+    weights = _Weights(Path(artifact.directory))
     for name, tokens in names.items():
         if progress:
             print(
                 f"npu: specializing the {name} graph ({tokens} tokens, cache {settings.capacity})...", file=sys.stderr
             )
-        model = specialize(artifact, tokens, settings.capacity, settings.dtype)
+        model = specialize(artifact, tokens, settings.capacity, settings.dtype, weights)
         check_coverage(model, coverage, name)
         graphs[name] = model
     parent = cache_dir.parent
@@ -648,7 +728,7 @@ def build_graphs(artifact: Artifact, settings: NpuSettings, coverage: dict[str, 
     except OSError as exc:
         raise BackendError(f"npu: cannot write compiled graphs into {parent}: {exc}") from exc
     try:
-        _write_graphs(tmp, graphs)
+        _write_graphs(tmp, graphs, weights)
         files = {p.name: sha256_file(p) for p in sorted(tmp.iterdir())}
         meta = {
             "key": key,
@@ -677,8 +757,8 @@ _MISSING_KERNEL = re.compile(r"Could not find an implementation for (\w+)\((\d+)
 def emulate_half(model: onnx.ModelProto, op_types: set[str], half: int) -> None:
     """Run the nodes of ``op_types`` in float32 between casts (for a CPU without half kernels), in place."""
     g = model.graph
-    model = _static_shapes(model)
-    elem = {v.name: v.type.tensor_type.elem_type for v in list(model.graph.value_info) + list(g.input)}
+    inferred = _static_shapes(model).graph
+    elem = {v.name: v.type.tensor_type.elem_type for v in list(inferred.value_info) + list(g.input)}
     for t in g.initializer:
         elem[t.name] = t.data_type
     nodes: list[onnx.NodeProto] = []
