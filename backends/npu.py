@@ -314,23 +314,20 @@ def _lower_moeport_ops(model: onnx.ModelProto, tokens: int, weights: _Weights) -
             x, idx, w, gu, dn = n.input
         else:
             raise BackendError(f"npu: no static lowering for moeport operator {n.op_type} ({n.name})")
-        gu_t, dn_t = source(gu), source(dn)
-        experts, two_i, hidden = gu_t.dims
+        experts, two_i, _ = source(gu).dims
         k = _top_k(g, idx, inits)
         if tokens * k <= experts:  # gather the chosen experts: the reference body, on float weights
             new_nodes.append(helper.make_node("MoE", [x, idx, w, gu, dn], list(n.output), name=n.name, domain=DOMAIN))
             continue
-        # dense: [E, N, 2I] = x @ gate_up^T per expert; y_e = act @ down^T; y = sum_e weight[n, e] * y_e
+        # dense, on the same weights as the gather form (no transposed copy): per expert
+        # [E, 2I, N] = gate_up @ x^T; [E, H, N] = down @ act; y^T = sum_e weight[e, n] * y_e
         name = n.name
-        gu_tr = derived(f"{gu}:T", [experts, hidden, two_i], lambda t=gu_t: weights.array(t).transpose(0, 2, 1))
-        dn_tr = derived(
-            f"{dn}:T", [dn_t.dims[0], dn_t.dims[2], dn_t.dims[1]], lambda t=dn_t: weights.array(t).transpose(0, 2, 1)
-        )
-        h = node("MatMul", [node("Unsqueeze", [x, const([0])], name), gu_tr], name)  # [E, N, 2I]
-        gate = node("Slice", [h, const([0]), const([two_i]), const([2]), const([2])], name)
-        up = node("Slice", [h, const([1]), const([two_i]), const([2]), const([2])], name)
-        act = node("Mul", [node("Mul", [gate, node("Sigmoid", [gate], name)], name), up], name)
-        y = node("MatMul", [act, dn_tr], name)  # [E, N, H]
+        x_t = node("Transpose", [x], name, perm=[1, 0])  # [H, N]
+        h = node("MatMul", [gu, x_t], name)  # [E, 2I, N]
+        gate = node("Slice", [h, const([0]), const([two_i]), const([1]), const([2])], name)
+        up = node("Slice", [h, const([1]), const([two_i]), const([1]), const([2])], name)
+        act = node("Mul", [node("Mul", [gate, node("Sigmoid", [gate], name)], name), up], name)  # [E, I, N]
+        y = node("MatMul", [dn, act], name)  # [E, H, N]
         chosen = node("Equal", [node("Unsqueeze", [idx, const([-1])], name), const(np.arange(experts))], name)
         onehot = node("Cast", [chosen], name, to=TensorProto.FLOAT)  # [N, k, E]
         weight = node(
@@ -340,16 +337,17 @@ def _lower_moeport_ops(model: onnx.ModelProto, tokens: int, weights: _Weights) -
             keepdims=0,
         )  # [N, E]
         routed = node("ReduceMax", [onehot, const([1])], name, keepdims=0)  # [N, E] 1 where routed
-        weight_t = node("Unsqueeze", [node("Transpose", [weight], name, perm=[1, 0]), const([-1])], name)
+        weight_t = node("Unsqueeze", [node("Transpose", [weight], name, perm=[1, 0]), const([1])], name)  # [E, 1, N]
         routed_t = node(
             "Cast",
-            [node("Unsqueeze", [node("Transpose", [routed], name, perm=[1, 0]), const([-1])], name)],
+            [node("Unsqueeze", [node("Transpose", [routed], name, perm=[1, 0]), const([1])], name)],
             name,
             to=TensorProto.BOOL,
-        )  # [E, N, 1]
+        )  # [E, 1, N]
         # Where, not a plain product: an unrouted expert's (ignored) result can never turn into NaN
         y = node("Where", [routed_t, node("Mul", [y, weight_t], name), const(0.0, np.float32)], name)
-        new_nodes.append(helper.make_node("ReduceSum", [y, const([0])], list(n.output), name=name, keepdims=0))
+        y = node("ReduceSum", [y, const([0])], name, keepdims=0)  # [H, N]
+        new_nodes.append(helper.make_node("Transpose", [y], list(n.output), name=name, perm=[1, 0]))
     for o in g.output:
         if o.name in renamed:
             raise BackendError(f"npu: graph output {o.name} is a weight")
