@@ -932,6 +932,33 @@ class NpuSimBackend(_NpuBase):
     def compile(self, artifact: Artifact, options: dict[str, Any]) -> NpuProgram:
         threads = options.get("threads")
         emulated: set[str] = set()
+        shared: dict[str, Any] = {}
+        mapped: list[np.memmap] = []
+
+        def shared_weights(model: onnx.ModelProto, directory: Path) -> dict[str, Any]:
+            """OrtValues over the memory-mapped weights.bin for the graph's initializers stored there."""
+            import onnxruntime as ort
+
+            if not mapped:
+                mapped.append(np.memmap(directory / "weights.bin", dtype=np.uint8, mode="r"))
+            out = {}
+            for t in model.graph.initializer:
+                info = {e.key: e.value for e in t.external_data}
+                kind = {TensorProto.FLOAT16: np.float16, TensorProto.FLOAT: np.float32}.get(t.data_type)
+                if info.get("location") != "weights.bin" or (kind is None and t.data_type != TensorProto.BFLOAT16):
+                    continue
+                if t.name not in shared:
+                    offset, length = int(info.get("offset", 0)), int(info["length"])
+                    raw = mapped[0][offset : offset + length]
+                    if kind is None:  # bfloat16: numpy has no such dtype, ONNX Runtime is told the type
+                        value = ort.OrtValue.ortvalue_from_numpy_with_onnx_type(
+                            raw.view(np.uint16).reshape(tuple(t.dims)), TensorProto.BFLOAT16
+                        )
+                    else:
+                        value = ort.OrtValue.ortvalue_from_numpy(raw.view(kind).reshape(tuple(t.dims)))
+                    shared[t.name] = value
+                out[t.name] = shared[t.name]
+            return out
 
         def make_session_for(settings: NpuSettings, directory: Path):
             half = _HALF[settings.dtype]
@@ -942,6 +969,8 @@ class NpuSimBackend(_NpuBase):
                 model = onnx.load(str(path), load_external_data=False)
                 so = _ort_options(threads)
                 so.add_session_config_entry("session.model_external_initializers_file_folder_path", str(directory))
+                for name, value in shared_weights(model, directory).items():
+                    so.add_initializer(name, value)  # one memory-mapped copy for every graph's session
                 for _ in range(64):  # ops without a half-precision CPU kernel run in float32 between casts
                     if emulated:
                         emulate_half(model, emulated, half)
