@@ -292,3 +292,19 @@ def test_tiny_reasoner_keeps_its_accuracy_on_npu_sim(tmp_path):
     )
     assert r.exit_code == 0, r.output
     assert json.loads(r.output.strip().splitlines()[-1])["content"] == "405"
+
+
+def test_fork_and_batches_on_the_fixed_capacity_cache(v3_art):
+    model = load(v3_art, backend="npu-sim", **SMALL)
+    a = model.session()
+    a.prefill(PROMPT)
+    b = a.fork()
+    assert b.cache.capacity == 96 and b.cache.dtype == np.float16
+    np.testing.assert_array_equal(a.step(5), b.step(5))
+    # continuous batching runs the sessions one by one on the static graphs: same tokens as alone
+    prompts = [PROMPT, PROMPT[:3], [7, 8, 9, 10, 11]]
+    alone = [model.session().generate(p, max_new_tokens=6, ignore_eos=True).tokens for p in prompts]
+    gen = model.batch(max_batch=3)
+    requests = [gen.submit(model.session(), p, max_new_tokens=6, ignore_eos=True) for p in prompts]
+    gen.run()
+    assert [r.result().tokens for r in requests] == alone
