@@ -46,7 +46,7 @@ from moeport.exporter.manifest import (
 from .base import API_VERSION, Availability, BackendError
 from .tvm_target import TargetError, canonical, cross_linker, host_arch, is_cross, parse_target, target_arch
 
-_PREP_VERSION = 1  # bump when the graph rewrites below change (invalidates cached libraries)
+_PREP_VERSION = 2  # bump when the graph rewrites below change (invalidates cached libraries)
 
 
 def _const(name: str, v: Any) -> onnx.NodeProto:
@@ -535,6 +535,9 @@ class TvmBackend:
             with warnings.catch_warnings():  # "Renaming name past_latent.0 to past_latent_0": inputs are positional
                 warnings.simplefilter("ignore")
                 mod = from_onnx(model, keep_params_in_input=False)
+            # Gemm(transB=1) imports as permute_dims + matmul: legalized apart, every step would copy each
+            # (dequantized) weight into a transposed buffer first. One NT_matmul kernel reads it in place.
+            mod = relax.transform.FuseTransposeMatmul()(mod)
             ex = relax.build(mod, target=tvm_target)
         except Exception as exc:
             raise BackendError(f"tvm: could not compile {artifact.graph_path}: {_first_line(exc)}") from exc
