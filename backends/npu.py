@@ -692,8 +692,10 @@ def _write_graphs(directory: Path, graphs: dict[str, onnx.ModelProto], weights: 
             onnx.save(model, str(directory / f"{name}.onnx"))
 
 
-def build_graphs(artifact: Artifact, settings: NpuSettings, coverage: dict[str, Any], progress: bool = True) -> Path:
-    """Specialize, check and cache the graph set; returns its directory (reused when already built)."""
+def build_graphs(
+    artifact: Artifact, settings: NpuSettings, coverage: dict[str, Any], progress: bool = True
+) -> tuple[Path, bool]:
+    """Specialize, check and cache the graph set: (its directory, whether an earlier build was reused)."""
     key = _cache_key(artifact, settings)
     cache_dir = Path(artifact.directory) / "compiled" / f"npu-{key}"
     meta_path = cache_dir / "meta.json"
@@ -704,7 +706,7 @@ def build_graphs(artifact: Artifact, settings: NpuSettings, coverage: dict[str, 
             if meta.get("key") == key and all(
                 sha256_file(cache_dir / f) == sha for f, sha in meta.get("files", {}).items()
             ):
-                return cache_dir
+                return cache_dir, True
         except (OSError, ValueError):
             pass
         log.warning("npu: cached graphs in %s are damaged or stale; rebuilding", cache_dir)
@@ -742,7 +744,7 @@ def build_graphs(artifact: Artifact, settings: NpuSettings, coverage: dict[str, 
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return cache_dir
+    return cache_dir, False
 
 
 # --------------------------------------------------------------------------------------------------
@@ -907,12 +909,14 @@ class _NpuBase:
     def _compile(self, artifact: Artifact, options: dict[str, Any], make_session_for) -> NpuProgram:
         settings = settings_from(options, artifact)
         coverage = load_coverage(options.get("coverage"))
-        directory = build_graphs(artifact, settings, coverage, progress=bool(options.get("progress", True)))
+        directory, reused = build_graphs(artifact, settings, coverage, progress=bool(options.get("progress", True)))
         meta = json.loads((directory / "meta.json").read_text())
         decode = onnx.load(str(directory / "decode.onnx"), load_external_data=False)
         outputs = [o.name for o in decode.graph.output]
         program = NpuProgram(directory, settings, make_session_for(settings, directory), outputs)
         program.build_seconds = meta.get("build_seconds", 0.0)
+        program.cache_hit = reused
+        program.library = directory  # shown by `moeport compile`
         return program
 
 
