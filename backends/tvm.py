@@ -21,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -46,7 +47,7 @@ from moeport.exporter.manifest import (
 from .base import API_VERSION, Availability, BackendError
 from .tvm_target import TargetError, canonical, cross_linker, host_arch, is_cross, parse_target, target_arch
 
-_PREP_VERSION = 2  # bump when the graph rewrites below change (invalidates cached libraries)
+_PREP_VERSION = 3  # bump when the graph rewrites below change (invalidates cached libraries)
 
 
 def _const(name: str, v: Any) -> onnx.NodeProto:
@@ -211,6 +212,315 @@ def prepare_graph(model):
     _fix_keep_slice(model)
     _fix_slice_ends(model)
     return model
+
+
+# ---------------------------------------------------------------------------------------------------
+# Hand-written TIR kernels for moeport's operators (QLinear, MoE, QMoE) and float Gemm(x, W^T).
+#
+# relax.build's default llvm pipeline neither fuses nor schedules: the reference bodies would run as
+# scalar loops that gather the chosen experts, dequantize them to float32 and then multiply. These
+# kernels read the weights in place (codes + scales; only the chosen experts), dequantize in registers
+# and accumulate in vector lanes; the loop over output rows runs on TVM's thread pool
+# (TVM_NUM_THREADS). The importer converts each node into ``call_tir`` of one of them.
+
+
+class _Kind:
+    """A weight format: float32 (bits 0) or moeport's symmetric block quantization (bits 4 / 8)."""
+
+    def __init__(self, bits: int, bs: int, k: int):
+        self.bits, self.bs, self.k = bits, bs, k
+        if bits == 0:
+            self.lanes = next(v for v in (16, 8, 4, 2, 1) if k % v == 0)
+            self.kw = k  # a weight row's length: elements (float) or code bytes
+        else:
+            self.lanes = bs * bits // 8  # code bytes per block: one vector
+            self.kw = k * bits // 8
+        self.blocks = self.kw // self.lanes
+        self.unroll = next(u for u in (4, 2, 1) if self.blocks % u == 0)  # independent accumulators
+        self.off = 2 ** (bits - 1) if bits else 0
+
+    @property
+    def tag(self) -> str:
+        return "f32" if self.bits == 0 else f"q{self.bits}bs{self.bs}"
+
+    def xshape(self, rows: str) -> str:
+        # 4-bit: activations de-interleaved [rows, 2, k/2] (even k, odd k) to match a byte's two nibbles
+        return f"({rows}, 2, {self.kw})" if self.bits == 4 else f"({rows}, {self.k})"
+
+    def wparams(self, rows: int, experts: int | None) -> str:
+        lead = f"{experts}, " if experts is not None else ""
+        if self.bits == 0:
+            return f'w: T.Buffer(({lead}{rows}, {self.kw}), "float32")'
+        return f'w: T.Buffer(({lead}{rows}, {self.kw}), "uint8"), s: T.Buffer(({lead}{rows}, {self.blocks}), "float32")'
+
+    def local(self, acc: str, ind: str) -> list[str]:
+        return [
+            f'{ind}{acc} = T.decl_buffer(({self.unroll * self.lanes},), "float32", scope="local")',
+            f'{ind}t{acc} = T.decl_buffer((1,), "float32", scope="local")',
+        ]
+
+    def dot(self, acc: str, x: str, w: str, ind: str) -> list[str]:
+        """Lines setting ``t<acc>[0]`` to (x row) . (w row); ``x``/``w`` are index prefixes (``x[r, ``)."""
+        v, u = self.lanes, self.unroll
+        k, blk, s = f"(bo * {u} + u) * {v} + l", f"bo * {u} + u", w.replace("w[", "s[", 1)
+        if self.bits == 0:
+            term = f"{x}{k}] * {w}{k}]"
+        elif self.bits == 8:
+            term = f'{x}{k}] * T.Cast("float32", T.Cast("int32", {w}{k}]) - {self.off}) * {s}{blk}]'
+        else:  # uint8 vector arithmetic miscompiles in TVM 0.27's llvm codegen: widen to int32 first
+            c = f'T.Cast("int32", {w}{k}])'
+            term = (
+                f'({x}0, {k}] * T.Cast("float32", ({c} & 15) - {self.off}) + '
+                f'{x}1, {k}] * T.Cast("float32", ({c} >> 4) - {self.off})) * {s}{blk}]'
+            )
+        return [
+            f"{ind}for l in T.vectorized({u * v}):",
+            f"{ind}    {acc}[l] = T.float32(0)",
+            f"{ind}for bo in range({self.blocks // u}):",
+            f"{ind}    for u in T.unroll({u}):",
+            f"{ind}        for l in T.vectorized({v}):",
+            f"{ind}            {acc}[u * {v} + l] = {acc}[u * {v} + l] + {term}",
+            f"{ind}t{acc}[0] = T.float32(0)",
+            f"{ind}for l in range({u * v}):",
+            f"{ind}    t{acc}[0] = t{acc}[0] + {acc}[l]",
+        ]
+
+
+_HEAD = ["# from tvm.script import tirx as T", "@T.prim_func(private=True)"]
+_NOALIAS = '    T.func_attr({"tir.noalias": True})'
+
+
+def _linear_src(kind: _Kind, n: int) -> str:
+    """y[r, n] = x[r] . W[n] (W [n, k], float or quantized)."""
+    return "\n".join(
+        [
+            *_HEAD,
+            f"def main(var_x: T.handle, {kind.wparams(n, None)}, var_y: T.handle):",
+            _NOALIAS,
+            "    R = T.int64()",
+            f'    x = T.match_buffer(var_x, {kind.xshape("R")}, "float32")',
+            f'    y = T.match_buffer(var_y, (R, {n}), "float32")',
+            f"    for rn in T.parallel(R * {n}):",
+            *kind.local("acc", "        "),
+            f"        r = rn // {n}",
+            f"        n = rn % {n}",
+            *kind.dot("acc", "x[r, ", "w[n, ", "        "),
+            "        y[r, n] = tacc[0]",
+        ]
+    )
+
+
+def _moe_act_src(kind: _Kind, experts: int, inter: int, topk: int) -> str:
+    """a[m*topk + j, i] = silu(gate_i . x[m]) * (up_i . x[m]) of expert idx[m, j] (gate/up rows interleaved)."""
+    return "\n".join(
+        [
+            *_HEAD,
+            f"def main(var_x: T.handle, var_idx: T.handle, {kind.wparams(2 * inter, experts)}, var_a: T.handle):",
+            _NOALIAS,
+            "    M = T.int64()",
+            f'    x = T.match_buffer(var_x, {kind.xshape("M")}, "float32")',
+            f'    idx = T.match_buffer(var_idx, (M, {topk}), "int64")',
+            f'    a = T.match_buffer(var_a, (M * {topk}, {inter}), "float32")',
+            f"    for mi in T.parallel(M * {topk * inter}):",
+            *kind.local("ag", "        "),
+            *kind.local("au", "        "),
+            f"        mj = mi // {inter}",
+            f"        i = mi % {inter}",
+            f"        e = idx[mj // {topk}, mj % {topk}]",
+            *kind.dot("ag", f"x[mj // {topk}, ", "w[e, i * 2, ", "        "),
+            *kind.dot("au", f"x[mj // {topk}, ", "w[e, i * 2 + 1, ", "        "),
+            "        a[mj, i] = tag[0] * T.sigmoid(tag[0]) * tau[0]",
+        ]
+    )
+
+
+def _moe_down_src(kind: _Kind, experts: int, hidden: int, topk: int) -> str:
+    """y[m, n] = sum_j wt[m, j] * (down[idx[m, j], n] . a[m*topk + j])."""
+    return "\n".join(
+        [
+            *_HEAD,
+            f"def main(var_a: T.handle, var_idx: T.handle, var_wt: T.handle, {kind.wparams(hidden, experts)}, "
+            "var_y: T.handle):",
+            _NOALIAS,
+            "    M = T.int64()",
+            f'    x = T.match_buffer(var_a, {kind.xshape(f"M * {topk}")}, "float32")',
+            f'    idx = T.match_buffer(var_idx, (M, {topk}), "int64")',
+            f'    wt = T.match_buffer(var_wt, (M, {topk}), "float32")',
+            f'    y = T.match_buffer(var_y, (M, {hidden}), "float32")',
+            f"    for mn in T.parallel(M * {hidden}):",
+            *kind.local("acc", "        "),
+            '        out = T.decl_buffer((1,), "float32", scope="local")',
+            f"        m = mn // {hidden}",
+            f"        n = mn % {hidden}",
+            "        out[0] = T.float32(0)",
+            f"        for j in range({topk}):",
+            *kind.dot("acc", f"x[m * {topk} + j, ", "w[idx[m, j], n, ", "            "),
+            "            out[0] = out[0] + wt[m, j] * tacc[0]",
+            "        y[m, n] = out[0]",
+        ]
+    )
+
+
+_QLINEAR = re.compile(r"QLinear_b(4|8)_bs(\d+)$")
+_QMOE = re.compile(r"QMoE_b(4|8)_bs(\d+)$")
+
+
+def _kernel_ops(model) -> set[str]:
+    """moeport's ops (op_type) whose every node the kernels take: known format, weights are initializers.
+
+    The others keep their reference bodies (inlined)."""
+    inits = {t.name: tuple(t.dims) for t in model.graph.initializer}
+    ok: dict[str, bool] = {}
+    for n in model.graph.node:
+        if n.domain != "ai.moeport":
+            continue
+        q = _QLINEAR.match(n.op_type) or _QMOE.match(n.op_type)
+        weights = n.input[1:] if n.op_type.startswith("QLinear") else n.input[3:]
+        good = all(w in inits for w in weights) and (n.op_type == "MoE" or q is not None)
+        if good and q is not None:
+            bits, bs = int(q.group(1)), int(q.group(2))
+            scale_dims = [inits[w] for w in weights[1::2]]
+            good = bs > 0 and bs * bits % 16 == 0 and all(len(d) >= 2 for d in scale_dims)
+        ok[n.op_type] = ok.get(n.op_type, True) and good
+    return {op for op, good in ok.items() if good}
+
+
+class _Converters:
+    """Relax ONNX importer converters that emit ``call_tir`` of the kernels above (one PrimFunc per shape)."""
+
+    def __init__(self, original: dict[str, Any]):
+        self.original = original
+        self.funcs: dict[str, Any] = {}
+
+    def table(self, ops: set[str]) -> dict[str, Any]:
+        conv = {"Gemm": _Converter(self._gemm)}
+        for op in ops:
+            fn = self._qlinear if op.startswith("QLinear") else self._moe
+            conv[op] = _Converter(lambda bb, inputs, attr, params, fn=fn, op=op: fn(op, bb, inputs, attr))
+        return conv
+
+    def _func(self, bb, src: str, name: str):
+        gv = self.funcs.get(src)
+        if gv is None:
+            import tvm.script
+
+            gv = self.funcs[src] = bb.add_func(tvm.script.from_source(src), name)
+        return gv
+
+    @staticmethod
+    def _rows(bb, x, k: int):
+        from tvm import relax
+
+        if x.ty.ndim != 2:
+            x = bb.emit(relax.op.reshape(x, (-1, k)))
+        return x
+
+    @staticmethod
+    def _feed(bb, x, kind: _Kind):
+        """The activations as the kernel reads them (4-bit: [rows, 2, k/2], even and odd k apart)."""
+        from tvm import relax
+
+        if kind.bits != 4:
+            return x
+        return bb.emit(relax.op.permute_dims(relax.op.reshape(x, (-1, kind.k // 2, 2)), [0, 2, 1]))
+
+    def _linear(self, bb, x, weights: list, kind: _Kind, n: int):
+        from tvm import relax
+
+        lead = list(x.ty.shape.values[:-1])
+        x2 = self._rows(bb, x, kind.k)
+        gv = self._func(bb, _linear_src(kind, n), f"moeport_linear_{kind.tag}_{n}x{kind.k}")
+        rows = x2.ty.shape.values[0]
+        y = bb.emit(
+            relax.call_tir(gv, [self._feed(bb, x2, kind), *weights], relax.TensorType([rows, n], "float32"))
+        )
+        return y if len(lead) == 1 else relax.op.reshape(y, [*lead, n])
+
+    def _gemm(self, bb, inputs, attr, params):
+        import tvm
+
+        x, w = inputs[0], inputs[1]
+        plain = (
+            isinstance(w, tvm.ir.GenericConst)
+            and attr.get("transB", 0) == 1
+            and not attr.get("transA", 0)
+            and attr.get("alpha", 1.0) == 1.0
+            and (len(inputs) < 3 or inputs[2] is None)
+            and w.ty.ndim == 2
+            and w.ty.dtype == "float32"
+            and x.ty.dtype == "float32"
+            and x.ty.ndim == 2
+        )
+        if not plain:
+            return self.original["Gemm"].get_converter(18)(bb, inputs, attr, params)
+        n, k = (int(d) for d in w.ty.shape.values)
+        return self._linear(bb, x, [w], _Kind(0, 0, k), n)
+
+    def _qlinear(self, op: str, bb, inputs, attr):
+        bits, bs = (int(g) for g in _QLINEAR.match(op).groups())
+        codes, scales = inputs[1], inputs[2]
+        n, blocks = (int(d) for d in scales.ty.shape.values)
+        return self._linear(bb, inputs[0], [codes, scales], _Kind(bits, bs, blocks * bs), n)
+
+    def _moe(self, op: str, bb, inputs, attr):
+        from tvm import relax
+
+        q = _QMOE.match(op)
+        bits, bs = (int(q.group(1)), int(q.group(2))) if q else (0, 0)
+        x, idx, wt = inputs[0], inputs[1], inputs[2]
+        gate_up, down = (inputs[3:5], inputs[5:7]) if q else ([inputs[3]], [inputs[4]])
+        e, two_i, c = (int(d) for d in gate_up[-1].ty.shape.values)
+        _, hidden, c_down = (int(d) for d in down[-1].ty.shape.values)
+        k_up, k_down = (c * bs, c_down * bs) if q else (c, c_down)
+        topk = int(idx.ty.shape.values[-1])
+        up_kind, down_kind = _Kind(bits, bs, k_up), _Kind(bits, bs, k_down)
+        x2 = self._rows(bb, x, k_up)
+        idx = bb.emit(relax.op.astype(idx, "int64")) if idx.ty.dtype != "int64" else idx
+        m = x2.ty.shape.values[0]
+        act_gv = self._func(bb, _moe_act_src(up_kind, e, two_i // 2, topk), f"moeport_moe_act_{up_kind.tag}")
+        down_gv = self._func(bb, _moe_down_src(down_kind, e, hidden, topk), f"moeport_moe_down_{down_kind.tag}")
+        act = bb.emit(
+            relax.call_tir(
+                act_gv,
+                [self._feed(bb, x2, up_kind), idx, *gate_up],
+                relax.TensorType([m * topk, two_i // 2], "float32"),
+            )
+        )
+        y = bb.emit(
+            relax.call_tir(
+                down_gv,
+                [self._feed(bb, act, down_kind), idx, wt, *down],
+                relax.TensorType([m, hidden], "float32"),
+            )
+        )
+        lead = list(x.ty.shape.values[:-1])
+        return y if len(lead) == 1 else relax.op.reshape(y, [*lead, hidden])
+
+
+class _Converter:
+    """What the ONNX importer's table holds: ``get_converter(opset)`` -> fn(bb, inputs, attr, params)."""
+
+    def __init__(self, fn):
+        self.fn = fn
+
+    def get_converter(self, opset: int):
+        return self.fn
+
+
+def _import(model, ops: set[str]):
+    """``from_onnx`` with the kernels' converters added to the importer's table for the call."""
+    from tvm.relax.frontend.onnx import from_onnx, onnx_frontend
+
+    original = onnx_frontend._get_convert_map
+    table = original()
+    extra = _Converters(table).table(ops)
+    onnx_frontend._get_convert_map = lambda: {**table, **extra}
+    try:
+        with warnings.catch_warnings():  # "Renaming name past_latent.0 to past_latent_0": inputs are positional
+            warnings.simplefilter("ignore")
+            return from_onnx(model, keep_params_in_input=False)
+    finally:
+        onnx_frontend._get_convert_map = original
 
 
 class TvmProgram:
@@ -394,6 +704,18 @@ def _check_target(tvm: Any, target: dict[str, Any], text: str) -> Any:
     return tvm_target
 
 
+def _for_this_cpu(target: dict[str, Any]) -> dict[str, Any]:
+    """A target for this machine that names no CPU gets this machine's (``-mcpu=<host>``): without it LLVM
+    assumes a baseline CPU (x86-64: SSE2 only) and the kernels' vector loops run at a third of the speed.
+    Such a library needs a CPU with the same features; give an explicit ``-mcpu`` to build for others."""
+    if target.get("kind") != "llvm" or is_cross(target) or "mcpu" in target or "mattr" in target:
+        return target
+    from tvm.target import codegen
+
+    cpu = str(codegen.llvm_get_system_cpu() or "")
+    return {**target, "mcpu": cpu} if cpu and cpu != "generic" else target
+
+
 class TvmBackend:
     name = "tvm"
     description = "Apache TVM Relax, compiled for CPUs (llvm, cross-compiles); reference MoE/QLinear bodies"
@@ -422,6 +744,8 @@ class TvmBackend:
         except TargetError as exc:
             raise BackendError(f"tvm: could not compile: {exc}") from exc
         compiler = _compiler_available(tvm)
+        if compiler:
+            target = _for_this_cpu(target)
         graph = onnx.load(str(artifact.graph_path), load_external_data=False)
         names = ([i.name for i in graph.graph.input], [o.name for o in graph.graph.output])
         base = _base_key(artifact, tvm.__version__)
@@ -528,13 +852,11 @@ class TvmBackend:
         start = time.perf_counter()
         try:
             model = onnx.load(str(artifact.graph_path))  # external data loads with it
-            model = onnx.inliner.inline_local_functions(model)
+            ops = _kernel_ops(model)  # moeport's ops the kernels take; the others are inlined
+            keep = [(f.domain, f.name) for f in model.functions if f.name in ops]
+            model = onnx.inliner.inline_selected_functions(model, keep, exclude=True)
             prepare_graph(model)
-            from tvm.relax.frontend.onnx import from_onnx
-
-            with warnings.catch_warnings():  # "Renaming name past_latent.0 to past_latent_0": inputs are positional
-                warnings.simplefilter("ignore")
-                mod = from_onnx(model, keep_params_in_input=False)
+            mod = _import(model, ops)
             # Gemm(transB=1) imports as permute_dims + matmul: legalized apart, every step would copy each
             # (dequantized) weight into a transposed buffer first. One NT_matmul kernel reads it in place.
             mod = relax.transform.FuseTransposeMatmul()(mod)
