@@ -280,10 +280,19 @@ class _Kind:
             f"{ind}    for u in T.unroll({u}):",
             f"{ind}        for l in T.vectorized({v}):",
             f"{ind}            {acc}[u * {v} + l] = {acc}[u * {v} + l] + {term}",
-            f"{ind}t{acc}[0] = T.float32(0)",
-            f"{ind}for l in range({u * v}):",
-            f"{ind}    t{acc}[0] = t{acc}[0] + {acc}[l]",
+            *self._sum(acc, ind),
         ]
+
+    def _sum(self, acc: str, ind: str) -> list[str]:
+        """t<acc>[0] = the sum of the lanes: halving vector adds (a power of two), then scalar adds."""
+        width, lines = self.unroll * self.lanes, []
+        while width > 1 and width % 2 == 0:
+            width //= 2
+            lines += [f"{ind}for l in T.vectorized({width}):", f"{ind}    {acc}[l] = {acc}[l] + {acc}[l + {width}]"]
+        lines.append(f"{ind}t{acc}[0] = {acc}[0]")
+        if width > 1:
+            lines += [f"{ind}for l in range(1, {width}):", f"{ind}    t{acc}[0] = t{acc}[0] + {acc}[l]"]
+        return lines
 
 
 _HEAD = ["# from tvm.script import tirx as T", "@T.prim_func(private=True)"]
@@ -300,12 +309,11 @@ def _linear_src(kind: _Kind, n: int) -> str:
             "    R = T.int64()",
             f'    x = T.match_buffer(var_x, {kind.xshape("R")}, "float32")',
             f'    y = T.match_buffer(var_y, (R, {n}), "float32")',
-            f"    for rn in T.parallel(R * {n}):",
-            *kind.local("acc", "        "),
-            f"        r = rn // {n}",
-            f"        n = rn % {n}",
-            *kind.dot("acc", "x[r, ", "w[n, ", "        "),
-            "        y[r, n] = tacc[0]",
+            f"    for n in T.parallel({n}):",  # rows of one weight row in turn: it stays in L1
+            "        for r in range(R):",
+            *kind.local("acc", "            "),
+            *kind.dot("acc", "x[r, ", "w[n, ", "            "),
+            "            y[r, n] = tacc[0]",
         ]
     )
 
@@ -321,15 +329,14 @@ def _moe_act_src(kind: _Kind, experts: int, inter: int, topk: int) -> str:
             f'    x = T.match_buffer(var_x, {kind.xshape("M")}, "float32")',
             f'    idx = T.match_buffer(var_idx, (M, {topk}), "int64")',
             f'    a = T.match_buffer(var_a, (M * {topk}, {inter}), "float32")',
-            f"    for mi in T.parallel(M * {topk * inter}):",
-            *kind.local("ag", "        "),
-            *kind.local("au", "        "),
-            f"        mj = mi // {inter}",
-            f"        i = mi % {inter}",
-            f"        e = idx[mj // {topk}, mj % {topk}]",
-            *kind.dot("ag", f"x[mj // {topk}, ", "w[e, i * 2, ", "        "),
-            *kind.dot("au", f"x[mj // {topk}, ", "w[e, i * 2 + 1, ", "        "),
-            "        a[mj, i] = tag[0] * T.sigmoid(tag[0]) * tau[0]",
+            f"    for i in T.parallel({inter}):",  # loop variables, not let-bound indices: kept in registers
+            "        for m in range(M):",
+            f"            for j in range({topk}):",
+            *kind.local("ag", "                "),
+            *kind.local("au", "                "),
+            *kind.dot("ag", "x[m, ", "w[idx[m, j], i * 2, ", "                "),
+            *kind.dot("au", "x[m, ", "w[idx[m, j], i * 2 + 1, ", "                "),
+            f"                a[m * {topk} + j, i] = tag[0] * T.sigmoid(tag[0]) * tau[0]",
         ]
     )
 
@@ -347,16 +354,48 @@ def _moe_down_src(kind: _Kind, experts: int, hidden: int, topk: int) -> str:
             f'    idx = T.match_buffer(var_idx, (M, {topk}), "int64")',
             f'    wt = T.match_buffer(var_wt, (M, {topk}), "float32")',
             f'    y = T.match_buffer(var_y, (M, {hidden}), "float32")',
-            f"    for mn in T.parallel(M * {hidden}):",
-            *kind.local("acc", "        "),
-            '        out = T.decl_buffer((1,), "float32", scope="local")',
-            f"        m = mn // {hidden}",
-            f"        n = mn % {hidden}",
-            "        out[0] = T.float32(0)",
-            f"        for j in range({topk}):",
-            *kind.dot("acc", f"x[m * {topk} + j, ", "w[idx[m, j], n, ", "            "),
-            "            out[0] = out[0] + wt[m, j] * tacc[0]",
-            "        y[m, n] = out[0]",
+            f"    for n in T.parallel({hidden}):",
+            "        for m in range(M):",
+            *kind.local("acc", "            "),
+            '            out = T.decl_buffer((1,), "float32", scope="local")',
+            "            out[0] = T.float32(0)",
+            f"            for j in range({topk}):",
+            *kind.dot("acc", f"x[m * {topk} + j, ", "w[idx[m, j], n, ", "                "),
+            "                out[0] = out[0] + wt[m, j] * tacc[0]",
+            "            y[m, n] = out[0]",
+        ]
+    )
+
+
+def _bmm_src(heads: int, k: str, n: int, v_mode: str) -> str:
+    """y[b, h, s, :] = sum_p a[b, h, s, p] * v[.., p, :] (the attention's probs @ values and the per-head
+    absorbed weights): v is ``const`` [heads, k, n], ``shared`` [b, 1, k, n] or ``perhead`` [b, heads, k, n];
+    the n outputs of a row accumulate as one vector."""
+    vshape = {"const": f"({heads}, {k}, {n})", "shared": f"(B, 1, {k}, {n})", "perhead": f"(B, {heads}, {k}, {n})"}
+    vrow = {"const": "v[h, p, l]", "shared": "v[b, 0, p, l]", "perhead": "v[b, h, p, l]"}[v_mode]
+    return "\n".join(
+        [
+            *_HEAD,
+            "def main(var_a: T.handle, var_v: T.handle, var_y: T.handle):",
+            _NOALIAS,
+            "    B = T.int64()",
+            "    S = T.int64()",
+            *(["    P = T.int64()"] if k == "P" else []),
+            f'    a = T.match_buffer(var_a, (B, {heads}, S, {k}), "float32")',
+            f'    v = T.match_buffer(var_v, {vshape[v_mode]}, "float32")',
+            f'    y = T.match_buffer(var_y, (B, {heads}, S, {n}), "float32")',
+            f"    for bhs in T.parallel(B * {heads} * S):",
+            f'        acc = T.decl_buffer(({n},), "float32", scope="local")',
+            f"        b = bhs // ({heads} * S)",
+            f"        h = bhs // S % {heads}",
+            "        s = bhs % S",
+            f"        for l in T.vectorized({n}):",
+            "            acc[l] = T.float32(0)",
+            f"        for p in range({k}):",
+            f"            for l in T.vectorized({n}):",
+            f"                acc[l] = acc[l] + a[b, h, s, p] * {vrow}",
+            f"        for l in T.vectorized({n}):",
+            "            y[b, h, s, l] = acc[l]",
         ]
     )
 
@@ -393,7 +432,7 @@ class _Converters:
         self.funcs: dict[str, Any] = {}
 
     def table(self, ops: set[str]) -> dict[str, Any]:
-        conv = {"Gemm": _Converter(self._gemm)}
+        conv = {"Gemm": _Converter(self._gemm), "MatMul": _Converter(self._matmul)}
         for op in ops:
             fn = self._qlinear if op.startswith("QLinear") else self._moe
             conv[op] = _Converter(lambda bb, inputs, attr, params, fn=fn, op=op: fn(op, bb, inputs, attr))
@@ -431,9 +470,7 @@ class _Converters:
         x2 = self._rows(bb, x, kind.k)
         gv = self._func(bb, _linear_src(kind, n), f"moeport_linear_{kind.tag}_{n}x{kind.k}")
         rows = x2.ty.shape.values[0]
-        y = bb.emit(
-            relax.call_tir(gv, [self._feed(bb, x2, kind), *weights], relax.TensorType([rows, n], "float32"))
-        )
+        y = bb.emit(relax.call_tir(gv, [self._feed(bb, x2, kind), *weights], relax.TensorType([rows, n], "float32")))
         return y if len(lead) == 1 else relax.op.reshape(y, [*lead, n])
 
     def _gemm(self, bb, inputs, attr, params):
@@ -455,6 +492,29 @@ class _Converters:
             return self.original["Gemm"].get_converter(18)(bb, inputs, attr, params)
         n, k = (int(d) for d in w.ty.shape.values)
         return self._linear(bb, x, [w], _Kind(0, 0, k), n)
+
+    def _matmul(self, bb, inputs, attr, params):
+        import tvm
+        from tvm import relax
+
+        a, v = inputs[0], inputs[1]
+        at, vt = a.ty, v.ty
+        dims = [d.value if isinstance(d, tvm.tirx.IntImm) else None for d in at.shape.values] if at.ndim == 4 else []
+        mode = None
+        if dims and at.dtype == "float32" and vt.dtype == "float32" and dims[1] and isinstance(v, tvm.ir.GenericConst):
+            if vt.ndim == 3 and int(vt.shape.values[0]) == dims[1] and int(vt.shape.values[1]) == dims[3]:
+                mode = "const"
+        elif dims and at.dtype == "float32" and vt.dtype == "float32" and dims[1] and vt.ndim == 4:
+            vd = [d.value if isinstance(d, tvm.tirx.IntImm) else None for d in vt.shape.values]
+            if vd[1] in (1, dims[1]) and vd[3] is not None and (dims[3] is None or dims[3] == vd[2]):
+                mode = "shared" if vd[1] == 1 and dims[1] != 1 else "perhead"
+        n = int(vt.shape.values[-1]) if mode else 0
+        if mode is None or not 0 < n <= 512:
+            return self.original["MatMul"].get_converter(18)(bb, inputs, attr, params)
+        k = str(dims[3]) if mode == "const" else "P"
+        gv = self._func(bb, _bmm_src(dims[1], k, n, mode), f"moeport_bmm_{mode}_{dims[1]}x{k}x{n}")
+        shape = [*at.shape.values[:3], n]
+        return bb.emit(relax.call_tir(gv, [a, v], relax.TensorType(shape, "float32")))
 
     def _qlinear(self, op: str, bb, inputs, attr):
         bits, bs = (int(g) for g in _QLINEAR.match(op).groups())
