@@ -868,7 +868,7 @@ class NpuProgram:
         # chunks: the last `keep` tokens one by one (their logits are wanted), the rest in bucket-sized pieces
         keep = min(max(keep, 1), n)
         sizes: list[int] = []
-        rest = n - keep + 1 if keep > 1 else n
+        rest = n - keep + 1
         largest = self.settings.buckets[-1]
         while rest > 0:
             sizes.append(min(rest, largest))
