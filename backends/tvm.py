@@ -400,6 +400,32 @@ def _bmm_src(heads: int, k: str, n: int, v_mode: str) -> str:
     )
 
 
+def _bmm_nt_src(heads: int, k: int, vheads: int) -> str:
+    """y[b, h, s, p] = a[b, h, s, :] . v[b, h or 0, p, :] (the attention's scores q . k over the cache)."""
+    kind = _Kind(0, 0, k)
+    vh = "h" if vheads == heads else "0"
+    return "\n".join(
+        [
+            *_HEAD,
+            "def main(var_a: T.handle, var_v: T.handle, var_y: T.handle):",
+            _NOALIAS,
+            "    B = T.int64()",
+            "    S = T.int64()",
+            "    P = T.int64()",
+            f'    a = T.match_buffer(var_a, (B, {heads}, S, {k}), "float32")',
+            f'    v = T.match_buffer(var_v, (B, {vheads}, P, {k}), "float32")',
+            f'    y = T.match_buffer(var_y, (B, {heads}, S, P), "float32")',
+            f"    for h in T.parallel({heads}):",
+            "        for b in range(B):",
+            "            for s in range(S):",
+            "                for p in range(P):",
+            *kind.local("acc", "                    "),
+            *kind.dot("acc", "a[b, h, s, ", f"v[b, {vh}, p, ", "                    "),
+            "                    y[b, h, s, p] = tacc[0]",
+        ]
+    )
+
+
 _QLINEAR = re.compile(r"QLinear_b(4|8)_bs(\d+)$")
 _QMOE = re.compile(r"QMoE_b(4|8)_bs(\d+)$")
 
@@ -508,6 +534,14 @@ class _Converters:
             vd = [d.value if isinstance(d, tvm.tirx.IntImm) else None for d in vt.shape.values]
             if vd[1] in (1, dims[1]) and vd[3] is not None and (dims[3] is None or dims[3] == vd[2]):
                 mode = "shared" if vd[1] == 1 and dims[1] != 1 else "perhead"
+        if dims and mode is None and at.dtype == "float32" and dims[1] and dims[3]:
+            nt = self._transposed(bb, v)  # MatMul(q, Transpose(cache)): a dot product per score
+            if nt is not None and nt.ty.dtype == "float32" and nt.ty.ndim == 4:
+                vd = [d.value if isinstance(d, tvm.tirx.IntImm) else None for d in nt.ty.shape.values]
+                if vd[1] in (1, dims[1]) and vd[3] == dims[3]:
+                    gv = self._func(bb, _bmm_nt_src(dims[1], dims[3], vd[1]), f"moeport_bmm_nt_{dims[1]}x{dims[3]}")
+                    shape = [*at.shape.values[:3], nt.ty.shape.values[2]]
+                    return bb.emit(relax.call_tir(gv, [a, nt], relax.TensorType(shape, "float32")))
         n = int(vt.shape.values[-1]) if mode else 0
         if mode is None or not 0 < n <= 512:
             return self.original["MatMul"].get_converter(18)(bb, inputs, attr, params)
@@ -515,6 +549,23 @@ class _Converters:
         gv = self._func(bb, _bmm_src(dims[1], k, n, mode), f"moeport_bmm_{mode}_{dims[1]}x{k}x{n}")
         shape = [*at.shape.values[:3], n]
         return bb.emit(relax.call_tir(gv, [a, v], relax.TensorType(shape, "float32")))
+
+    @staticmethod
+    def _transposed(bb, v):
+        """x when ``v`` is permute_dims(x, [0, 1, 3, 2]) bound in this function, else None."""
+        import tvm
+        from tvm import relax
+
+        bound = v  # the importer passes an operator's result as its (normalized) expression or a bound var
+        if isinstance(v, relax.Var):
+            try:
+                bound = bb.lookup_binding(v)
+            except Exception:
+                return None
+        if not isinstance(bound, relax.Call) or bound.op != tvm.ir.Op.get("relax.permute_dims"):
+            return None
+        axes = bound.attrs.axes
+        return bound.args[0] if axes is not None and [int(x) for x in axes] == [0, 1, 3, 2] else None
 
     def _qlinear(self, op: str, bb, inputs, attr):
         bits, bs = (int(g) for g in _QLINEAR.match(op).groups())
@@ -764,6 +815,14 @@ def _check_target(tvm: Any, target: dict[str, Any], text: str) -> Any:
     return tvm_target
 
 
+def _use_threads(threads: int | None) -> None:
+    """Size TVM's thread pool: ``threads``, else TVM_NUM_THREADS if set, else every core (TVM's own
+    default on x86 is half the cores, assuming hyper-threads: one thread on a 2-core machine). TVM reads
+    the variable when its pool starts, at the first parallel kernel: the first model of a process decides."""
+    if threads or "TVM_NUM_THREADS" not in os.environ:
+        os.environ["TVM_NUM_THREADS"] = str(int(threads or os.cpu_count() or 1))
+
+
 def _for_this_cpu(target: dict[str, Any]) -> dict[str, Any]:
     """A target for this machine that names no CPU gets this machine's (``-mcpu=<host>``): without it LLVM
     assumes a baseline CPU (x86-64: SSE2 only) and the kernels' vector loops run at a third of the speed.
@@ -798,6 +857,7 @@ class TvmBackend:
         before a build)."""
         import tvm
 
+        _use_threads(options.get("threads"))
         text = str(options.get("target") or "llvm")
         try:
             target = parse_target(text)
