@@ -227,8 +227,11 @@ def prepare_graph(model):
 class _Kind:
     """A weight format: float32 (bits 0) or moeport's symmetric block quantization (bits 4 / 8)."""
 
-    def __init__(self, bits: int, bs: int, k: int):
+    def __init__(self, bits: int, bs: int, k: int, signed: bool = False):
         self.bits, self.bs, self.k = bits, bs, k
+        # int8 codes flipped once at build time (code ^ 0x80, 4-bit: ^ 0x88): a sign-extended byte (its
+        # high nibble: shifted right) is then code - 2^(bits-1), with no offset to subtract
+        self.signed = signed and bits in (4, 8)
         if bits == 0:
             self.lanes = next(v for v in (16, 8, 4, 2, 1) if k % v == 0)
             self.kw = k  # a weight row's length: elements (float) or code bytes
@@ -241,7 +244,7 @@ class _Kind:
 
     @property
     def tag(self) -> str:
-        return "f32" if self.bits == 0 else f"q{self.bits}bs{self.bs}"
+        return "f32" if self.bits == 0 else f"{'s' if self.signed else 'q'}{self.bits}bs{self.bs}"
 
     def xshape(self, rows: str) -> str:
         # 4-bit: activations de-interleaved [rows, 2, k/2] (even k, odd k) to match a byte's two nibbles
@@ -251,7 +254,10 @@ class _Kind:
         lead = f"{experts}, " if experts is not None else ""
         if self.bits == 0:
             return f'w: T.Buffer(({lead}{rows}, {self.kw}), "float32")'
-        return f'w: T.Buffer(({lead}{rows}, {self.kw}), "uint8"), s: T.Buffer(({lead}{rows}, {self.blocks}), "float32")'
+        codes = "int8" if self.signed else "uint8"
+        return (
+            f'w: T.Buffer(({lead}{rows}, {self.kw}), "{codes}"), s: T.Buffer(({lead}{rows}, {self.blocks}), "float32")'
+        )
 
     def local(self, acc: str, ind: str) -> list[str]:
         return [
@@ -265,6 +271,14 @@ class _Kind:
         k, blk, s = f"(bo * {u} + u) * {v} + l", f"bo * {u} + u", w.replace("w[", "s[", 1)
         if self.bits == 0:
             term = f"{x}{k}] * {w}{k}]"
+        elif self.signed and self.bits == 8:
+            term = f'{x}{k}] * T.Cast("float32", {w}{k}]) * {s}{blk}]'
+        elif self.signed:
+            c = f'T.Cast("int32", {w}{k}])'
+            term = (
+                f'({x}0, {k}] * T.Cast("float32", ({c} << 28) >> 28) + '
+                f'{x}1, {k}] * T.Cast("float32", {c} >> 4)) * {s}{blk}]'
+            )
         elif self.bits == 8:
             term = f'{x}{k}] * T.Cast("float32", T.Cast("int32", {w}{k}]) - {self.off}) * {s}{blk}]'
         else:  # uint8 vector arithmetic miscompiles in TVM 0.27's llvm codegen: widen to int32 first
@@ -569,9 +583,10 @@ class _Converters:
 
     def _qlinear(self, op: str, bb, inputs, attr):
         bits, bs = (int(g) for g in _QLINEAR.match(op).groups())
-        codes, scales = inputs[1], inputs[2]
+        codes, scales = _signed(inputs[1], bits), inputs[2]
         n, blocks = (int(d) for d in scales.ty.shape.values)
-        return self._linear(bb, inputs[0], [codes, scales], _Kind(bits, bs, blocks * bs), n)
+        kind = _Kind(bits, bs, blocks * bs, signed=codes is not inputs[1])
+        return self._linear(bb, inputs[0], [codes, scales], kind, n)
 
     def _moe(self, op: str, bb, inputs, attr):
         from tvm import relax
@@ -580,11 +595,14 @@ class _Converters:
         bits, bs = (int(q.group(1)), int(q.group(2))) if q else (0, 0)
         x, idx, wt = inputs[0], inputs[1], inputs[2]
         gate_up, down = (inputs[3:5], inputs[5:7]) if q else ([inputs[3]], [inputs[4]])
+        signed = bool(q) and all(_signed(w[0], bits) is not w[0] for w in (gate_up, down))
+        if signed:
+            gate_up, down = [_signed(gate_up[0], bits), gate_up[1]], [_signed(down[0], bits), down[1]]
         e, two_i, c = (int(d) for d in gate_up[-1].ty.shape.values)
         _, hidden, c_down = (int(d) for d in down[-1].ty.shape.values)
         k_up, k_down = (c * bs, c_down * bs) if q else (c, c_down)
         topk = int(idx.ty.shape.values[-1])
-        up_kind, down_kind = _Kind(bits, bs, k_up), _Kind(bits, bs, k_down)
+        up_kind, down_kind = _Kind(bits, bs, k_up, signed), _Kind(bits, bs, k_down, signed)
         x2 = self._rows(bb, x, k_up)
         idx = bb.emit(relax.op.astype(idx, "int64")) if idx.ty.dtype != "int64" else idx
         m = x2.ty.shape.values[0]
@@ -606,6 +624,18 @@ class _Converters:
         )
         lead = list(x.ty.shape.values[:-1])
         return y if len(lead) == 1 else relax.op.reshape(y, [*lead, hidden])
+
+
+def _signed(codes, bits: int):
+    """Constant codes as the signed kernels read them (int8: 8-bit ``code ^ 0x80`` is ``code - 128``;
+    4-bit ``code ^ 0x88`` makes each nibble ``code - 8`` in two's complement), else ``codes`` itself."""
+    import tvm
+    from tvm import relax
+
+    if bits not in (4, 8) or not isinstance(codes, tvm.ir.GenericConst) or codes.ty.dtype != "uint8":
+        return codes
+    flip = np.uint8(0x80 if bits == 8 else 0x88)
+    return relax.const((codes.value.numpy() ^ flip).view(np.int8), "int8")
 
 
 class _Converter:
