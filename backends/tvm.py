@@ -32,6 +32,7 @@ from typing import Any
 
 import numpy as np
 import onnx
+import onnx.external_data_helper
 import onnx.inliner
 from onnx import helper, numpy_helper
 
@@ -1001,14 +1002,18 @@ class TvmBackend:
         _say(options, f"tvm: compiling {artifact.directory} for {text} (once; cached in {cache_dir}) ...")
         start = time.perf_counter()
         try:
-            model = onnx.load(str(artifact.graph_path))  # external data loads with it
+            # The inliner serializes the model: weights > 2 GB (protobuf's limit) load after it
+            model = onnx.load(str(artifact.graph_path), load_external_data=False)
             ops = _kernel_ops(model)  # moeport's ops the kernels take; the others are inlined
             keep = [(f.domain, f.name) for f in model.functions if f.name in ops]
-            model = onnx.inliner.inline_selected_functions(model, keep, exclude=True)
+            if len(keep) < len(model.functions):
+                model = onnx.inliner.inline_selected_functions(model, keep, exclude=True)
+            onnx.external_data_helper.load_external_data_for_model(model, str(Path(artifact.graph_path).parent))
             prepare_graph(model)
             mod = _import(model, ops)
-            # Gemm(transB=1) imports as permute_dims + matmul: legalized apart, every step would copy each
-            # (dequantized) weight into a transposed buffer first. One NT_matmul kernel reads it in place.
+            del model  # the weights live on as the module's constants: not twice during the build
+            # Gemm(transB=1) that the kernels do not take imports as permute_dims + matmul: legalized apart,
+            # every step would copy the weight into a transposed buffer first; NT_matmul reads it in place.
             mod = relax.transform.FuseTransposeMatmul()(mod)
             ex = relax.build(mod, target=tvm_target)
         except Exception as exc:
