@@ -1,14 +1,17 @@
 """The ``tvm`` backend (feasibility spike): Apache TVM Relax compiles the neutral artifact for ``llvm``.
 
-Compiling inlines moeport's model-local functions (``onnx.inliner``: the reference decompositions of
-``MoE`` / ``QMoE`` / ``QLinear``), applies a few shape-preserving rewrites that Relax's ONNX importer
-needs to keep every tensor's shape known with symbolic ``batch``/``seq``/``past`` dims, imports with
-``tvm.relax.frontend.onnx.from_onnx``, builds with ``tvm.relax.build(mod, target)`` and runs on
-``tvm.relax.VirtualMachine``. One library serves every prompt length (no recompilation).
+Compiling applies a few shape-preserving rewrites that Relax's ONNX importer needs to keep every
+tensor's shape known with symbolic ``batch``/``seq``/``past`` dims, imports with
+``tvm.relax.frontend.onnx.from_onnx`` (plus converters that turn ``QLinear`` / ``QMoE`` / ``MoE``, float
+``Gemm(x, W^T)`` and the attention's matmuls into ``call_tir`` of hand-written TIR kernels; a moeport
+function they cannot take is inlined to its reference body with ``onnx.inliner``), builds with
+``tvm.relax.build(mod, target)`` and runs on ``tvm.relax.VirtualMachine``. One library serves every
+prompt length (no recompilation). A target without ``-mcpu`` is built for this machine's CPU.
 
 The built library is cached in ``<artifact>/compiled/tvm-<key>/`` (``lib.so`` + ``meta.json``, written
 to a temporary directory and renamed into place) and loaded with ``tvm.runtime.load_module`` on later
-loads. Options: ``target`` (default ``llvm``), ``cache`` (default True), ``rebuild`` (force).
+loads. Options: ``target`` (default ``llvm``), ``cache`` (default True), ``rebuild`` (force),
+``threads`` (TVM's thread pool; default every core).
 
 A compiled library is native code: a cached one is loaded only if its sha256 is one this machine
 recorded when it built it (``~/.cache/moeport/trusted-libraries.json``); a library found in an
@@ -868,7 +871,7 @@ def _for_this_cpu(target: dict[str, Any]) -> dict[str, Any]:
 
 class TvmBackend:
     name = "tvm"
-    description = "Apache TVM Relax, compiled for CPUs (llvm, cross-compiles); reference MoE/QLinear bodies"
+    description = "Apache TVM Relax, compiled for CPUs (llvm, cross-compiles); TIR kernels for MoE/QMoE/QLinear"
     priority = 5
     api_version = API_VERSION
 
