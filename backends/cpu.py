@@ -20,7 +20,6 @@ slower at 8 bits); ``reference=True`` keeps the reference decompositions instead
 from __future__ import annotations
 
 import os
-import re
 from typing import Any
 
 import numpy as np
@@ -28,7 +27,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from moeport.exporter.manifest import Artifact
-from moeport.exporter.ops import DOMAIN
+from moeport.exporter.ops import DOMAIN, parse_op_type, top_k_constant
 
 from .base import API_VERSION, Availability, BackendError
 
@@ -72,12 +71,7 @@ class CpuBackend:
     def compile(self, artifact: Artifact, options: dict[str, Any]) -> OrtProgram:
         import onnxruntime as ort
 
-        so = ort.SessionOptions()
-        so.intra_op_num_threads = int(options.get("threads") or os.cpu_count() or 1)
-        so.inter_op_num_threads = 1
-        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        so.log_severity_level = 3
-        so.add_session_config_entry("session.model_external_initializers_file_folder_path", str(artifact.directory))
+        so = session_options(options.get("threads"), artifact.directory)
         model = onnx.load(str(artifact.graph_path), load_external_data=False)
         if not options.get("reference"):
             rewrite_for_ort(model, accuracy_level=int(options.get("accuracy_level", 4)))
@@ -86,6 +80,20 @@ class CpuBackend:
         except Exception as exc:
             raise BackendError(f"cpu: onnxruntime could not load {artifact.graph_path}: {exc}") from exc
         return OrtProgram(session)
+
+
+def session_options(threads: int | None, weights_dir: Any, optimization: str = "ORT_ENABLE_ALL") -> Any:
+    """ONNX Runtime session options of moeport's CPU sessions: ``threads`` intra-op threads (default every
+    core), one inter-op thread, quiet logs, external weights read from ``weights_dir``."""
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = int(threads or os.cpu_count() or 1)
+    so.inter_op_num_threads = 1
+    so.graph_optimization_level = getattr(ort.GraphOptimizationLevel, optimization)
+    so.log_severity_level = 3
+    so.add_session_config_entry("session.model_external_initializers_file_folder_path", str(weights_dir))
+    return so
 
 
 def _reshaped(tensor: TensorProto, name: str, dims: list[int]) -> TensorProto:
@@ -143,18 +151,16 @@ def rewrite_for_ort(model: onnx.ModelProto, accuracy_level: int = 4, moe_accurac
 
     def top_k(moe: onnx.NodeProto) -> int:
         """Experts per token: the constant k of the TopK that produced the MoE node's expert indices."""
-        src = producers.get(moe.input[1])
-        if src is not None and src.op_type == "TopK" and src.input[1] in inits:
-            return int(numpy_helper.to_array(inits[src.input[1]]).reshape(-1)[0])
-        raise BackendError(f"cpu: cannot find the number of experts per token of {moe.name}")
+        k = top_k_constant(producers.get(moe.input[1]), inits)
+        if k is None:
+            raise BackendError(f"cpu: cannot find the number of experts per token of {moe.name}")
+        return k
 
     for n in graph.node:
         if n.domain != DOMAIN:
             new_nodes.append(n)
             continue
-        kind = n.op_type.split("_")[0]
-        m = re.search(r"_b(\d+)_bs(\d+)$", n.op_type)
-        bits, block = (int(m.group(1)), int(m.group(2))) if m else (0, 0)
+        kind, bits, block = parse_op_type(n.op_type)
         if kind == "QLinear":
             x, codes, scales = n.input
             c, s = inits[codes], inits[scales]

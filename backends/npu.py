@@ -53,9 +53,10 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from moeport.exporter.manifest import Artifact, sha256_file
-from moeport.exporter.ops import DOMAIN, dequantize_blocks, moe_function
+from moeport.exporter.ops import DOMAIN, dequantize_blocks, moe_function, parse_op_type, top_k_constant
 
 from .base import API_VERSION, Availability, BackendError
+from .cpu import session_options
 
 log = logging.getLogger("moeport.npu")
 
@@ -237,13 +238,6 @@ class _Weights:
         return (arr.view(np.uint16) if t.data_type in (TensorProto.FLOAT16, TensorProto.BFLOAT16) else arr).tobytes()
 
 
-def _top_k(graph: onnx.GraphProto, idx: str, inits: dict[str, TensorProto]) -> int:
-    for n in graph.node:
-        if idx in n.output and n.op_type == "TopK" and n.input[1] in inits:
-            return int(_array(inits[n.input[1]]).reshape(-1)[0])
-    raise BackendError(f"npu: cannot find the number of experts per token behind {idx!r}")
-
-
 def _lower_moeport_ops(model: onnx.ModelProto, tokens: int, weights: _Weights) -> None:
     """Replace moeport's operators by float standard-op forms with static shapes (in place).
 
@@ -254,6 +248,7 @@ def _lower_moeport_ops(model: onnx.ModelProto, tokens: int, weights: _Weights) -
     """
     g = model.graph
     inits = {t.name: t for t in g.initializer}
+    producers = {o: n for n in g.node for o in n.output}
     new_nodes: list[onnx.NodeProto] = []
     added: dict[str, TensorProto] = {}
     renamed: dict[str, str] = {}
@@ -299,9 +294,7 @@ def _lower_moeport_ops(model: onnx.ModelProto, tokens: int, weights: _Weights) -
         if n.domain != DOMAIN:
             new_nodes.append(n)
             continue
-        kind = n.op_type.split("_")[0]
-        m = re.search(r"_b(\d+)_bs(\d+)$", n.op_type)
-        bits, block = (int(m.group(1)), int(m.group(2))) if m else (0, 0)
+        kind, bits, block = parse_op_type(n.op_type)
         if kind == "QLinear":
             x, codes, scales = n.input
             w = dequantized(codes, scales, bits, block)
@@ -315,7 +308,9 @@ def _lower_moeport_ops(model: onnx.ModelProto, tokens: int, weights: _Weights) -
         else:
             raise BackendError(f"npu: no static lowering for moeport operator {n.op_type} ({n.name})")
         experts, two_i, _ = source(gu).dims
-        k = _top_k(g, idx, inits)
+        k = top_k_constant(producers.get(idx), inits)
+        if k is None:
+            raise BackendError(f"npu: cannot find the number of experts per token behind {idx!r}")
         if tokens * k <= experts:  # gather the chosen experts: the reference body, on float weights
             new_nodes.append(helper.make_node("MoE", [x, idx, w, gu, dn], list(n.output), name=n.name, domain=DOMAIN))
             continue
@@ -892,17 +887,6 @@ class NpuProgram:
         return out
 
 
-def _ort_options(threads: int | None):
-    import onnxruntime as ort
-
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = int(threads or os.cpu_count() or 1)
-    so.inter_op_num_threads = 1
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
-    so.log_severity_level = 3
-    return so
-
-
 class _NpuBase:
     api_version = API_VERSION
 
@@ -971,8 +955,7 @@ class NpuSimBackend(_NpuBase):
                 import onnxruntime as ort
 
                 model = onnx.load(str(path), load_external_data=False)
-                so = _ort_options(threads)
-                so.add_session_config_entry("session.model_external_initializers_file_folder_path", str(directory))
+                so = session_options(threads, directory, "ORT_ENABLE_BASIC")
                 for name, value in shared_weights(model, directory).items():
                     so.add_initializer(name, value)  # one memory-mapped copy for every graph's session
                 for _ in range(64):  # ops without a half-precision CPU kernel run in float32 between casts
@@ -1045,7 +1028,7 @@ class NpuBackend(_NpuBase):
                 try:
                     return ort.InferenceSession(
                         str(path),
-                        _ort_options(options.get("threads")),
+                        session_options(options.get("threads"), directory, "ORT_ENABLE_BASIC"),
                         providers=[("CANNExecutionProvider", cann), "CPUExecutionProvider"],
                     )
                 except Exception as exc:

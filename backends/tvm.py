@@ -24,7 +24,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import re
 import shutil
 import sys
 import tempfile
@@ -47,6 +46,7 @@ from moeport.exporter.manifest import (
     user_cache_file,
     write_json_best_effort,
 )
+from moeport.exporter.ops import parse_op_type
 
 from .base import API_VERSION, Availability, BackendError
 from .tvm_target import TargetError, canonical, cross_linker, host_arch, is_cross, parse_target, target_arch
@@ -444,8 +444,12 @@ def _bmm_nt_src(heads: int, k: int, vheads: int) -> str:
     )
 
 
-_QLINEAR = re.compile(r"QLinear_b(4|8)_bs(\d+)$")
-_QMOE = re.compile(r"QMoE_b(4|8)_bs(\d+)$")
+def _kernel_format(op: str) -> tuple[int, int] | None:
+    """(bits, block size) of a moeport op the kernels take: float MoE (0, 0), QLinear/QMoE at 4 or 8 bits."""
+    kind, bits, bs = parse_op_type(op)
+    if kind == "MoE" or (kind in ("QLinear", "QMoE") and bits in (4, 8)):
+        return bits, bs
+    return None
 
 
 def _kernel_ops(model) -> set[str]:
@@ -457,11 +461,11 @@ def _kernel_ops(model) -> set[str]:
     for n in model.graph.node:
         if n.domain != "ai.moeport":
             continue
-        q = _QLINEAR.match(n.op_type) or _QMOE.match(n.op_type)
+        fmt = _kernel_format(n.op_type)
         weights = n.input[1:] if n.op_type.startswith("QLinear") else n.input[3:]
-        good = all(w in inits for w in weights) and (n.op_type == "MoE" or q is not None)
-        if good and q is not None:
-            bits, bs = int(q.group(1)), int(q.group(2))
+        good = all(w in inits for w in weights) and fmt is not None
+        if good and fmt[0]:
+            bits, bs = fmt
             scale_dims = [inits[w] for w in weights[1::2]]
             good = bs > 0 and bs * bits % 16 == 0 and all(len(d) >= 2 for d in scale_dims)
         ok[n.op_type] = ok.get(n.op_type, True) and good
@@ -586,7 +590,7 @@ class _Converters:
         return bound.args[0] if axes is not None and [int(x) for x in axes] == [0, 1, 3, 2] else None
 
     def _qlinear(self, op: str, bb, inputs, attr):
-        bits, bs = (int(g) for g in _QLINEAR.match(op).groups())
+        bits, bs = _kernel_format(op)
         codes, scales = _signed(inputs[1], bits), inputs[2]
         n, blocks = (int(d) for d in scales.ty.shape.values)
         kind = _Kind(bits, bs, blocks * bs, signed=codes is not inputs[1])
@@ -595,11 +599,11 @@ class _Converters:
     def _moe(self, op: str, bb, inputs, attr):
         from tvm import relax
 
-        q = _QMOE.match(op)
-        bits, bs = (int(q.group(1)), int(q.group(2))) if q else (0, 0)
+        bits, bs = _kernel_format(op)
+        q = bits > 0
         x, idx, wt = inputs[0], inputs[1], inputs[2]
         gate_up, down = (inputs[3:5], inputs[5:7]) if q else ([inputs[3]], [inputs[4]])
-        signed = bool(q) and all(_signed(w[0], bits) is not w[0] for w in (gate_up, down))
+        signed = q and all(_signed(w[0], bits) is not w[0] for w in (gate_up, down))
         if signed:
             gate_up, down = [_signed(gate_up[0], bits), gate_up[1]], [_signed(down[0], bits), down[1]]
         e, two_i, c = (int(d) for d in gate_up[-1].ty.shape.values)

@@ -183,7 +183,7 @@ class GraphBuilder:
     quantize_blocks = staticmethod(ops.quantize_blocks)
 
     def qlinear(self, x: str, codes: str, scales: str, bits: int, block: int) -> str:
-        name = f"QLinear_b{bits}_bs{block}"
+        name = ops.op_type("QLinear", bits, block)
         return self.call(self.functions.get(name) or ops.qlinear_function(name, bits, block), x, codes, scales)
 
     def moe(self, x: str, idx: str, weights: str, gate_up: str, down: str) -> str:
@@ -201,7 +201,7 @@ class GraphBuilder:
         bits: int,
         block: int,
     ) -> str:
-        name = f"QMoE_b{bits}_bs{block}"
+        name = ops.op_type("QMoE", bits, block)
         fn = self.functions.get(name) or ops.qmoe_function(name, bits, block)
         return self.call(fn, x, idx, weights, gu_codes, gu_scales, down_codes, down_scales)
 

@@ -26,12 +26,34 @@ Operators (``x`` is ``[tokens, in]``):
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
 DOMAIN = "ai.moeport"
 OPSET = 18
+
+_QUANTIZED = re.compile(r"^(QLinear|QMoE)_b(\d+)_bs(\d+)$")
+
+
+def op_type(kind: str, bits: int = 0, block_size: int = 0) -> str:
+    """The op_type of one of moeport's operators: ``MoE``, or ``QLinear``/``QMoE`` with their format."""
+    return f"{kind}_b{bits}_bs{block_size}" if bits else kind
+
+
+def parse_op_type(name: str) -> tuple[str, int, int]:
+    """Inverse of :func:`op_type`: (kind, bits, block size); bits and block size are 0 for float ops."""
+    m = _QUANTIZED.match(name)
+    return (m.group(1), int(m.group(2)), int(m.group(3))) if m else (name, 0, 0)
+
+
+def top_k_constant(producer: onnx.NodeProto | None, initializers: dict[str, onnx.TensorProto]) -> int | None:
+    """The constant k of the TopK node that produced a MoE operator's expert indices (None if not one)."""
+    if producer is None or producer.op_type != "TopK" or producer.input[1] not in initializers:
+        return None
+    return int(onnx.numpy_helper.to_array(initializers[producer.input[1]]).reshape(-1)[0])
 
 
 def quantize_blocks(w: np.ndarray, bits: int, block_size: int) -> tuple[np.ndarray, np.ndarray]:
