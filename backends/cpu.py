@@ -10,6 +10,11 @@ weight bytes from the artifact's external data (nothing is copied or re-quantize
   multiplied by ``sum(w)``, which restores the weights exactly.
 - ``QMoE`` (quantized experts) -> ``com.microsoft.QMoE`` with ``router_weights``: selection and
   weighting are given separately, as DeepSeek's grouped, biased routing needs.
+- bf16 / fp16 weights (``Gemm`` of a ``Cast`` weight, ``MoE`` of ``Cast`` experts) -> moeport's own
+  kernels (``backends/csrc``, domain ``ai.moeport.cpu``), which read the stored 2-byte weights: ONNX
+  Runtime has no bf16 MatMul on CPUs and would otherwise widen every weight to float32 at load
+  (twice the bytes per token). Without the built kernels (no C compiler at install) that widening is
+  what happens, and ``moeport backends`` says so.
 
 Options: ``threads``; ``accuracy_level`` of the quantized kernels (4, the default, lets them quantize
 activations to int8 per block on the fly as llama.cpp's Q4/Q8 dot products do — on this CPU class
@@ -20,6 +25,7 @@ slower at 8 bits); ``reference=True`` keeps the reference decompositions instead
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -32,6 +38,8 @@ from moeport.exporter.ops import DOMAIN, parse_op_type, top_k_constant
 from .base import API_VERSION, Availability, BackendError
 
 MS = "com.microsoft"
+HALF_DOMAIN = "ai.moeport.cpu"
+_HALF_SUFFIX = {TensorProto.BFLOAT16: "Bf16", TensorProto.FLOAT16: "Fp16"}
 _SENTINEL = -1.0e30
 # silu(gate) * up with gate/up rows interleaved in one fc1 (the layout ORT's CPU MoE kernels accept);
 # routing weights are supplied by the graph, so the kernel must not renormalize them
@@ -43,8 +51,9 @@ _SWIGLU = dict(
 class OrtProgram:
     """An ONNX Runtime session over the (rewritten) graph."""
 
-    def __init__(self, session: Any):
+    def __init__(self, session: Any, half_kernels: bool = False):
         self.session = session
+        self.half_kernels = half_kernels  # bf16/fp16 weights read as stored by moeport's kernels
         self.input_names = [i.name for i in session.get_inputs()]
         self.output_names = [o.name for o in session.get_outputs()]
 
@@ -66,20 +75,45 @@ class CpuBackend:
             return Availability(False, f"onnxruntime not installed ({exc})")
         if "CPUExecutionProvider" not in ort.get_available_providers():
             return Availability(False, "onnxruntime has no CPUExecutionProvider")
-        return Availability(True, f"onnxruntime {ort.__version__}")
+        lib, why = kernels_library()
+        half = f"half-precision kernels: {kernels_isa(lib)}" if lib else f"half-precision kernels unavailable ({why})"
+        return Availability(True, f"onnxruntime {ort.__version__}; {half}")
 
     def compile(self, artifact: Artifact, options: dict[str, Any]) -> OrtProgram:
         import onnxruntime as ort
 
         so = session_options(options.get("threads"), artifact.directory)
         model = onnx.load(str(artifact.graph_path), load_external_data=False)
+        half = False
         if not options.get("reference"):
-            rewrite_for_ort(model, accuracy_level=int(options.get("accuracy_level", 4)))
+            lib = kernels_library()[0] if options.get("half_kernels", True) else None
+            rewrite_for_ort(model, accuracy_level=int(options.get("accuracy_level", 4)), half_kernels=lib is not None)
+            half = any(n.domain == HALF_DOMAIN for n in model.graph.node)
+            if half:
+                so.register_custom_ops_library(str(lib))
         try:
             session = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
         except Exception as exc:
             raise BackendError(f"cpu: onnxruntime could not load {artifact.graph_path}: {exc}") from exc
-        return OrtProgram(session)
+        return OrtProgram(session, half_kernels=half)
+
+
+def kernels_library() -> tuple[Path | None, str]:
+    """moeport's native kernel library (built at install from backends/csrc), or None and why not."""
+    here = Path(__file__).resolve().parent
+    found = sorted(here.glob("_kernels.*.so")) + sorted(here.glob("_kernels.*.pyd")) + sorted(here.glob("_kernels.so"))
+    if not found:
+        return None, "not built: reinstall moeport with a C compiler (gcc or clang) present"
+    return found[0], ""
+
+
+def kernels_isa(lib: Path) -> str:
+    """Which code path the kernel library runs on this CPU (``avx512`` or ``generic``)."""
+    import ctypes
+
+    fn = ctypes.CDLL(str(lib)).moeport_kernels_isa
+    fn.restype = ctypes.c_char_p
+    return fn().decode()
 
 
 def session_options(threads: int | None, weights_dir: Any, optimization: str = "ORT_ENABLE_ALL") -> Any:
@@ -106,8 +140,11 @@ def _reshaped(tensor: TensorProto, name: str, dims: list[int]) -> TensorProto:
     return out
 
 
-def rewrite_for_ort(model: onnx.ModelProto, accuracy_level: int = 4, moe_accuracy_level: int | None = None) -> None:
-    """Replace moeport's operators by ONNX Runtime's fused CPU kernels, in place."""
+def rewrite_for_ort(
+    model: onnx.ModelProto, accuracy_level: int = 4, moe_accuracy_level: int | None = None, half_kernels: bool = False
+) -> None:
+    """Replace moeport's operators by ONNX Runtime's fused CPU kernels, in place; with ``half_kernels``,
+    bf16/fp16 weights go to moeport's kernel library instead of being widened to float32."""
     if moe_accuracy_level is None:
         moe_accuracy_level = accuracy_level
     graph = model.graph
@@ -149,6 +186,14 @@ def rewrite_for_ort(model: onnx.ModelProto, accuracy_level: int = 4, moe_accurac
         )
         return node("ScatterElements", [base, idx, values], axis=1)
 
+    def half_weight(value: str) -> TensorProto | None:
+        """The bf16/fp16 initializer that ``value`` is the float32 Cast of, if half kernels take it directly."""
+        src = producers.get(value)
+        if not half_kernels or src is None or src.op_type != "Cast" or src.input[0] not in inits:
+            return None
+        tensor = inits[src.input[0]]
+        return tensor if tensor.data_type in _HALF_SUFFIX else None
+
     def top_k(moe: onnx.NodeProto) -> int:
         """Experts per token: the constant k of the TopK that produced the MoE node's expert indices."""
         k = top_k_constant(producers.get(moe.input[1]), inits)
@@ -157,6 +202,14 @@ def rewrite_for_ort(model: onnx.ModelProto, accuracy_level: int = 4, moe_accurac
         return k
 
     for n in graph.node:
+        if n.op_type == "Gemm" and n.domain == "" and len(n.input) == 2 and (w := half_weight(n.input[1])) is not None:
+            attrs = {a.name: helper.get_attribute_value(a) for a in n.attribute}
+            if attrs.get("transB") == 1 and not attrs.get("transA") and attrs.get("alpha", 1.0) == 1.0:
+                op = "Linear" + _HALF_SUFFIX[w.data_type]
+                new_nodes.append(
+                    helper.make_node(op, [n.input[0], w.name], list(n.output), name=n.name, domain=HALF_DOMAIN)
+                )
+                continue
         if n.domain != DOMAIN:
             new_nodes.append(n)
             continue
@@ -181,6 +234,17 @@ def rewrite_for_ort(model: onnx.ModelProto, accuracy_level: int = 4, moe_accurac
                     block_size=block,
                     accuracy_level=accuracy_level,
                 )
+            )
+        elif (
+            kind == "MoE"
+            and (gu := half_weight(n.input[3])) is not None
+            and (dn := half_weight(n.input[4])) is not None
+        ):
+            if gu.data_type != dn.data_type:
+                raise BackendError(f"cpu: {n.name}: gate_up and down experts differ in dtype")
+            op = "MoE" + _HALF_SUFFIX[gu.data_type]
+            new_nodes.append(
+                helper.make_node(op, [*n.input[:3], gu.name, dn.name], list(n.output), name=n.name, domain=HALF_DOMAIN)
             )
         elif kind == "MoE":
             x, idx, w, gate_up, down = n.input
@@ -213,6 +277,13 @@ def rewrite_for_ort(model: onnx.ModelProto, accuracy_level: int = 4, moe_accurac
             )
         else:
             new_nodes.append(n)  # an operator this backend has no fast form for: ORT runs its reference
+    # drop the Casts whose float32 copies nothing reads any more (ORT would otherwise fold them at load)
+    while True:
+        used = {i for nd in new_nodes for i in nd.input} | {o.name for o in graph.output}
+        dead = [nd for nd in new_nodes if nd.op_type == "Cast" and not any(o in used for o in nd.output)]
+        if not dead:
+            break
+        new_nodes = [nd for nd in new_nodes if nd not in dead]
     del graph.node[:]
     graph.node.extend(new_nodes)
     graph.initializer.extend(new_inits)
@@ -220,5 +291,6 @@ def rewrite_for_ort(model: onnx.ModelProto, accuracy_level: int = 4, moe_accurac
     keep = [t for t in graph.initializer if t.name in used]
     del graph.initializer[:]
     graph.initializer.extend(keep)
-    if not any(o.domain == MS for o in model.opset_import):
-        model.opset_import.append(helper.make_opsetid(MS, 1))
+    for domain in (MS, HALF_DOMAIN):
+        if not any(o.domain == domain for o in model.opset_import):
+            model.opset_import.append(helper.make_opsetid(domain, 1))

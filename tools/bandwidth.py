@@ -12,10 +12,11 @@ from moeport.exporter.manifest import Artifact
 _BYTES = {"fp32": 4.0, "fp16": 2.0, "bf16": 2.0}
 
 
-def active_bytes_per_token(artifact: Artifact, as_run_on_cpu: bool = True) -> float:
+def active_bytes_per_token(artifact: Artifact, as_run_on_cpu: bool = True, half_kernels: bool = False) -> float:
     """Weight bytes one decode step must read: attention, dense MLPs, shared + routed top-k experts,
     the output head and one embedding row. ``as_run_on_cpu`` counts bf16/fp16 weights as the float32
-    the cpu backend holds them in; quantized weights count their codes plus float32 block scales."""
+    the cpu backend holds them in, except, with its ``half_kernels``, the Linear and expert weights its
+    kernels read as stored; quantized weights count their codes plus float32 block scales."""
     cfg = artifact.config
     w = artifact.manifest["weights"]
     dtype = w["dtype"]
@@ -26,6 +27,8 @@ def active_bytes_per_token(artifact: Artifact, as_run_on_cpu: bool = True) -> fl
         other = 4.0 if as_run_on_cpu else 2.0  # bf16 storage of the non-Linear tensors
     else:
         linear = head = other = 4.0 if as_run_on_cpu else _BYTES[dtype]
+        if as_run_on_cpu and half_kernels:
+            linear = head = _BYTES[dtype]
     h, nh = cfg.hidden_size, cfg.num_attention_heads
     attn = cfg.q_lora_rank * h + cfg.q_lora_rank * nh * cfg.qk_head_dim if cfg.q_lora_rank else h * nh * cfg.qk_head_dim
     attn += h * cfg.latent_dim + h * nh * cfg.v_head_dim

@@ -64,7 +64,7 @@ def run_bench(
             token = int(np.argmax(s.step(token)))
         decode_s = min(decode_s, time.perf_counter() - t2)
     manifest = model.artifact.manifest
-    active = active_bytes_per_token(model.artifact)
+    active = active_bytes_per_token(model.artifact, half_kernels=getattr(model.program, "half_kernels", False))
     return {
         "artifact": str(artifact),
         "backend": model.backend_name,

@@ -1,0 +1,223 @@
+/* moeport's kernels as ONNX Runtime custom operators (domain "ai.moeport.cpu").
+ *
+ *   LinearBf16 / LinearFp16 (x float [..., K], w [N, K])                    -> y float [..., N]
+ *   MoEBf16 / MoEFp16 (x float [T, H], expert_idx int64 [T, k], expert_weights float [T, k],
+ *                      gate_up [E, 2I, H], down [E, H, I])                 -> y float [T, H]
+ *
+ * The cpu backend rewrites its graph to these when an artifact stores bf16/fp16 weights, and loads
+ * this library with SessionOptions.register_custom_ops_library. Work runs on the session's intra-op
+ * thread pool (KernelContext_ParallelFor).
+ */
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "kernels.h"
+#include "ort_abi.h"
+
+static const OrtAnyFn* g_api; /* OrtApi as its table of slots */
+
+#define API(slot, type) ((type)g_api[SLOT_##slot])
+typedef OrtStatus* (*Fn_CreateStatus)(int, const char*);
+typedef OrtStatus* (*Fn_GetInput)(const OrtKernelContext*, size_t, const OrtValue**);
+typedef OrtStatus* (*Fn_GetOutput)(OrtKernelContext*, size_t, const int64_t*, size_t, OrtValue**);
+typedef OrtStatus* (*Fn_GetData)(OrtValue*, void**);
+typedef OrtStatus* (*Fn_GetTypeAndShape)(const OrtValue*, OrtTensorTypeAndShapeInfo**);
+typedef OrtStatus* (*Fn_GetDimsCount)(const OrtTensorTypeAndShapeInfo*, size_t*);
+typedef OrtStatus* (*Fn_GetDims)(const OrtTensorTypeAndShapeInfo*, int64_t*, size_t);
+typedef void (*Fn_ReleaseInfo)(OrtTensorTypeAndShapeInfo*);
+typedef void (*Fn_ReleaseStatus)(OrtStatus*);
+typedef OrtStatus* (*Fn_ParallelFor)(const OrtKernelContext*, void (*)(void*, size_t), size_t, size_t, void*);
+typedef OrtStatus* (*Fn_CreateDomain)(const char*, OrtCustomOpDomain**);
+typedef OrtStatus* (*Fn_DomainAdd)(OrtCustomOpDomain*, const OrtCustomOp*);
+typedef OrtStatus* (*Fn_AddDomain)(OrtSessionOptions*, OrtCustomOpDomain*);
+
+#define MAX_RANK 8
+
+static OrtStatus* fail(const char* op, const char* msg) {
+  char text[512];
+  snprintf(text, sizeof text, "moeport %s: %s", op, msg);
+  return API(CreateStatus, Fn_CreateStatus)(ORT_E_INVALID_ARGUMENT, text);
+}
+
+#define TRY(expr)                  \
+  do {                             \
+    OrtStatus* status_ = (expr);   \
+    if (status_) return status_;   \
+  } while (0)
+
+/* An input's data pointer and shape. */
+static OrtStatus* input(OrtKernelContext* ctx, size_t i, void** data, int64_t* dims, size_t* rank) {
+  const OrtValue* value = NULL;
+  OrtTensorTypeAndShapeInfo* info = NULL;
+  TRY(API(KernelContext_GetInput, Fn_GetInput)(ctx, i, &value));
+  TRY(API(GetTensorTypeAndShape, Fn_GetTypeAndShape)(value, &info));
+  OrtStatus* status = API(GetDimensionsCount, Fn_GetDimsCount)(info, rank);
+  if (!status && *rank > MAX_RANK) status = fail("input", "rank above 8");
+  if (!status) status = API(GetDimensions, Fn_GetDims)(info, dims, *rank);
+  API(ReleaseTensorTypeAndShapeInfo, Fn_ReleaseInfo)(info);
+  if (status) return status;
+  return API(GetTensorMutableData, Fn_GetData)((OrtValue*)value, data);
+}
+
+static OrtStatus* output(OrtKernelContext* ctx, const int64_t* dims, size_t rank, void** data) {
+  OrtValue* value = NULL;
+  TRY(API(KernelContext_GetOutput, Fn_GetOutput)(ctx, 0, dims, rank, &value));
+  return API(GetTensorMutableData, Fn_GetData)(value, data);
+}
+
+/* ORT's intra-op pool; if it refuses, the same items run on this thread. */
+static void ort_parallel_for(void* ctx, void (*fn)(void*, size_t), size_t n, void* data) {
+  if (n > 1) {
+    OrtStatus* status = API(KernelContext_ParallelFor, Fn_ParallelFor)((const OrtKernelContext*)ctx, fn, n, 0, data);
+    if (!status) return;
+    API(ReleaseStatus, Fn_ReleaseStatus)(status);
+  }
+  for (size_t i = 0; i < n; i++) fn(data, i);
+}
+
+/* ---- the operators -------------------------------------------------------------------------- */
+
+typedef struct {
+  OrtCustomOp base;
+  const char* name;
+  int is_moe;
+  int dtype; /* weight element type */
+} MoeportOp;
+
+typedef struct {
+  const MoeportOp* op;
+} Kernel;
+
+static OrtStatus* linear_compute(const MoeportOp* op, OrtKernelContext* ctx) {
+  void *x, *w, *y;
+  int64_t xd[MAX_RANK], wd[MAX_RANK], yd[MAX_RANK];
+  size_t xr, wr;
+  TRY(input(ctx, 0, &x, xd, &xr));
+  TRY(input(ctx, 1, &w, wd, &wr));
+  if (xr < 1 || wr != 2) return fail(op->name, "expects x [..., K] and a 2-D weight [N, K]");
+  int64_t k = xd[xr - 1], n = wd[0], m = 1;
+  if (wd[1] != k) {
+    char msg[160];
+    snprintf(msg, sizeof msg, "x has %lld features but the weight [%lld, %lld] expects %lld", (long long)k,
+             (long long)wd[0], (long long)wd[1], (long long)wd[1]);
+    return fail(op->name, msg);
+  }
+  for (size_t i = 0; i + 1 < xr; i++) {
+    m *= xd[i];
+    yd[i] = xd[i];
+  }
+  yd[xr - 1] = n;
+  TRY(output(ctx, yd, xr, &y));
+  if (moeport_linear((const float*)x, m, k, (const uint16_t*)w, n, (float*)y, op->dtype, ort_parallel_for, ctx))
+    return fail(op->name, "out of memory");
+  return NULL;
+}
+
+static OrtStatus* moe_compute(const MoeportOp* op, OrtKernelContext* ctx) {
+  void *x, *idx, *wts, *gu, *dn, *y;
+  int64_t xd[MAX_RANK], id[MAX_RANK], wd[MAX_RANK], gd[MAX_RANK], dd[MAX_RANK];
+  size_t xr, ir, wr, gr, dr;
+  TRY(input(ctx, 0, &x, xd, &xr));
+  TRY(input(ctx, 1, &idx, id, &ir));
+  TRY(input(ctx, 2, &wts, wd, &wr));
+  TRY(input(ctx, 3, &gu, gd, &gr));
+  TRY(input(ctx, 4, &dn, dd, &dr));
+  if (xr != 2 || ir != 2 || wr != 2 || gr != 3 || dr != 3)
+    return fail(op->name, "expects x [T, H], expert_idx [T, k], expert_weights [T, k], gate_up [E, 2I, H], down [E, H, I]");
+  int64_t t = xd[0], h = xd[1], k = id[1], e = gd[0], inter = gd[1] / 2;
+  if (id[0] != t || wd[0] != t || wd[1] != k || gd[2] != h || gd[1] % 2 || dd[0] != e || dd[1] != h ||
+      dd[2] != inter) {
+    char msg[256];
+    snprintf(msg, sizeof msg,
+             "inconsistent shapes: x [%lld, %lld], expert_idx [%lld, %lld], expert_weights [%lld, %lld], "
+             "gate_up [%lld, %lld, %lld], down [%lld, %lld, %lld]",
+             (long long)xd[0], (long long)xd[1], (long long)id[0], (long long)id[1], (long long)wd[0],
+             (long long)wd[1], (long long)gd[0], (long long)gd[1], (long long)gd[2], (long long)dd[0],
+             (long long)dd[1], (long long)dd[2]);
+    return fail(op->name, msg);
+  }
+  TRY(output(ctx, xd, 2, &y));
+  char err[256] = "";
+  if (moeport_moe((const float*)x, t, h, (const int64_t*)idx, (const float*)wts, k, (const uint16_t*)gu,
+                  (const uint16_t*)dn, e, inter, (float*)y, op->dtype, ort_parallel_for, ctx, err, sizeof err))
+    return fail(op->name, err);
+  return NULL;
+}
+
+static OrtStatus* compute(void* kernel, OrtKernelContext* ctx) {
+  const MoeportOp* op = ((Kernel*)kernel)->op;
+  return op->is_moe ? moe_compute(op, ctx) : linear_compute(op, ctx);
+}
+
+static OrtStatus* create_kernel(const OrtCustomOp* op, const OrtApi* api, const OrtKernelInfo* info, void** out) {
+  (void)api;
+  (void)info;
+  Kernel* kernel = (Kernel*)malloc(sizeof(Kernel));
+  if (!kernel) return fail(((const MoeportOp*)op)->name, "out of memory");
+  kernel->op = (const MoeportOp*)op;
+  *out = kernel;
+  return NULL;
+}
+
+static void destroy_kernel(void* kernel) { free(kernel); }
+static const char* op_name(const OrtCustomOp* op) { return ((const MoeportOp*)op)->name; }
+static const char* op_provider(const OrtCustomOp* op) {
+  (void)op;
+  return "CPUExecutionProvider";
+}
+static size_t op_inputs(const OrtCustomOp* op) { return ((const MoeportOp*)op)->is_moe ? 5 : 2; }
+static size_t op_outputs(const OrtCustomOp* op) {
+  (void)op;
+  return 1;
+}
+static int op_input_type(const OrtCustomOp* base, size_t i) {
+  const MoeportOp* op = (const MoeportOp*)base;
+  if (!op->is_moe) return i == 0 ? ORT_T_FLOAT : op->dtype;
+  static const int moe_types[3] = {ORT_T_FLOAT, ORT_T_INT64, ORT_T_FLOAT};
+  return i < 3 ? moe_types[i] : op->dtype;
+}
+static int op_output_type(const OrtCustomOp* op, size_t i) {
+  (void)op;
+  (void)i;
+  return ORT_T_FLOAT;
+}
+static int op_required(const OrtCustomOp* op, size_t i) {
+  (void)op;
+  (void)i;
+  return 0;
+}
+
+#define MOEPORT_OP(NAME, IS_MOE, DTYPE)                                                                       \
+  {                                                                                                           \
+    {16,          NULL,          op_name,     op_provider, op_input_type, op_inputs, op_output_type, op_outputs, \
+     NULL,        destroy_kernel, op_required, op_required, op_required, NULL,      NULL,          NULL,         \
+     NULL,        create_kernel, compute},                                                                    \
+        NAME, IS_MOE, DTYPE                                                                                   \
+  }
+
+static MoeportOp g_ops[] = {
+    MOEPORT_OP("LinearBf16", 0, ORT_T_BFLOAT16),
+    MOEPORT_OP("LinearFp16", 0, ORT_T_FLOAT16),
+    MOEPORT_OP("MoEBf16", 1, ORT_T_BFLOAT16),
+    MOEPORT_OP("MoEFp16", 1, ORT_T_FLOAT16),
+};
+
+MOEPORT_API OrtStatus* RegisterCustomOps(OrtSessionOptions* options, const OrtApiBase* base) {
+  const OrtApi* api = base->GetApi(MOEPORT_ORT_API_VERSION);
+  if (!api) {
+    fprintf(stderr, "moeport kernels: ONNX Runtime %s is older than 1.%d\n", base->GetVersionString(),
+            MOEPORT_ORT_API_VERSION);
+    api = base->GetApi(1);
+    return api ? ((Fn_CreateStatus)((const OrtAnyFn*)api)[SLOT_CreateStatus])(ORT_E_FAIL,
+                                                                             "moeport kernels need ONNX Runtime >= 1.17")
+               : NULL;
+  }
+  g_api = (const OrtAnyFn*)api;
+  OrtCustomOpDomain* domain = NULL;
+  TRY(API(CreateCustomOpDomain, Fn_CreateDomain)("ai.moeport.cpu", &domain));
+  for (size_t i = 0; i < sizeof g_ops / sizeof g_ops[0]; i++)
+    TRY(API(CustomOpDomain_Add, Fn_DomainAdd)(domain, &g_ops[i].base));
+  /* the domain lives as long as the process: sessions may outlive the options that registered it */
+  return API(AddCustomOpDomain, Fn_AddDomain)(options, domain);
+}
