@@ -1,0 +1,105 @@
+"""Checks moeport's kernel library against float64 numpy on the code path this process gets.
+
+Run by tests/test_cpu_kernels.py as ``python kernel_check.py LIB`` with ``MOEPORT_KERNELS_ISA`` set
+(the library picks its path once per process); prints one JSON line.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import sys
+
+import ml_dtypes
+import numpy as np
+
+HALF = {16: ml_dtypes.bfloat16, 10: np.float16}
+
+
+def _moe(lib, x, idx, weights, gate_up, down, inter, dtype, err) -> tuple[int, np.ndarray]:
+    (tokens, hidden), k, experts = x.shape, idx.shape[1], gate_up.shape[0]
+    y = np.full((tokens, hidden), np.nan, np.float32)
+    args = (x, tokens, hidden, idx, weights, k, gate_up, down, experts, inter, y, dtype, err, 256)
+    rc = lib.moeport_moe_serial(*[a.ctypes.data if isinstance(a, np.ndarray) else a for a in args])
+    return rc, y
+
+
+def main(path: str) -> None:
+    lib = ctypes.CDLL(path)
+    p, i64 = ctypes.c_void_p, ctypes.c_int64
+    lib.moeport_linear_serial.argtypes = [p, i64, i64, p, i64, p, ctypes.c_int]
+    lib.moeport_moe_serial.argtypes = [
+        p,
+        i64,
+        i64,
+        p,
+        p,
+        i64,
+        p,
+        p,
+        i64,
+        i64,
+        p,
+        ctypes.c_int,
+        ctypes.c_char_p,
+        ctypes.c_size_t,
+    ]
+    lib.moeport_kernels_isa.restype = ctypes.c_char_p
+    rng = np.random.default_rng(0)
+    worst_linear = worst_moe = 0.0
+    # (m, k, n): decode rows (m <= 4), wider products, K not a multiple of 16/32, N not of 4/32
+    shapes = [
+        (1, 1024, 96),
+        (3, 37, 13),
+        (4, 64, 64),
+        (5, 100, 6),
+        (17, 64, 96),
+        (33, 64, 100),
+        (40, 96, 33),
+        (7, 1, 5),
+    ]
+    for dtype, np_half in HALF.items():
+        for m, k, n in shapes:
+            x = rng.standard_normal((m, k)).astype(np.float32)
+            w = rng.standard_normal((n, k)).astype(np_half)
+            y = np.full((m, n), np.nan, np.float32)
+            assert lib.moeport_linear_serial(x.ctypes.data, m, k, w.ctypes.data, n, y.ctypes.data, dtype) == 0
+            ref = x.astype(np.float64) @ w.astype(np.float64).T
+            worst_linear = max(worst_linear, float(np.abs(y - ref).max() / np.abs(ref).max()))
+
+        tokens, hidden, experts, inter, k = 21, 64, 8, 48, 3
+        x = rng.standard_normal((tokens, hidden)).astype(np.float32)
+        idx = np.stack([rng.choice(experts - 1, k, replace=False) for _ in range(tokens)]).astype(np.int64)  # 7 unused
+        weights = rng.random((tokens, k)).astype(np.float32)
+        gate_up = rng.standard_normal((experts, 2 * inter, hidden)).astype(np_half)
+        down = rng.standard_normal((experts, hidden, inter)).astype(np_half)
+        err = ctypes.create_string_buffer(256)
+
+        rc, y = _moe(lib, x, idx, weights, gate_up, down, inter, dtype, err)
+        assert rc == 0, err.value
+        g, d = gate_up.astype(np.float64), down.astype(np.float64)
+        ref = np.zeros((tokens, hidden))
+        for t in range(tokens):
+            for j in range(k):
+                h = g[idx[t, j]] @ x[t]
+                act = h[0::2] / (1 + np.exp(-h[0::2])) * h[1::2]
+                ref[t] += weights[t, j] * (d[idx[t, j]] @ act)
+        worst_moe = max(worst_moe, float(np.abs(y - ref).max() / np.abs(ref).max()))
+        bad = idx.copy()
+        bad[2, 1] = 9
+        rc, _ = _moe(lib, x, bad, weights, gate_up, down, inter, dtype, err)
+        assert rc == -1
+    print(
+        json.dumps(
+            {
+                "isa": lib.moeport_kernels_isa().decode(),
+                "linear_max_rel_err": worst_linear,
+                "moe_max_rel_err": worst_moe,
+                "bad_index_error": err.value.decode(),
+            }
+        )
+    )
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])

@@ -1,0 +1,176 @@
+"""moeport's native kernels for bf16/fp16 weights (backends/csrc) and the cpu backend's use of them.
+
+Each code path (portable C, AVX-512, AMX-BF16 where the CPU has it) is checked against float64 numpy
+on the same stored weights, then whole models against transformers (float32) and against the
+float32-widening path the backend takes without the kernels.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import ml_dtypes
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from moeport.backends import cpu
+from moeport.runtime import load
+
+PROMPT = [3, 14, 15, 92, 65, 35, 89, 79]
+HERE = Path(__file__).resolve().parent
+
+
+@pytest.fixture(scope="module")
+def lib_path() -> Path:
+    path, why = cpu.kernels_library()
+    if path is None:
+        if shutil.which("cc") or shutil.which("gcc"):
+            pytest.fail(f"a C compiler is present but the kernels were not built: {why}")
+        pytest.skip(why)
+    return path
+
+
+def _isa_paths(lib_path: Path) -> list[str]:
+    best = cpu.kernels_isa(lib_path)
+    return ["generic"] + (["avx512"] if best.startswith("avx512") else []) + (["amx"] if "amx" in best else [])
+
+
+def test_every_code_path_matches_numpy(lib_path):
+    """Linear and MoE on every ISA this CPU has, bf16 and fp16, shapes with K/N/M tails (subprocesses: the
+    path is chosen once per process)."""
+    paths = _isa_paths(lib_path)
+    if platform.machine() in ("x86_64", "AMD64"):
+        assert (
+            "avx512" in paths or "avx512" not in open("/proc/cpuinfo").read()
+        )  # the fast path is taken where it can be
+    for isa in paths:
+        env = dict(os.environ, MOEPORT_KERNELS_ISA="" if isa == "amx" else isa)
+        out = subprocess.run(
+            [sys.executable, str(HERE / "kernel_check.py"), str(lib_path)], env=env, capture_output=True, text=True
+        )
+        assert out.returncode == 0, out.stderr
+        report = json.loads(out.stdout.strip().splitlines()[-1])
+        assert report["isa"].startswith(isa if isa != "amx" else "avx512+amx"), report["isa"]
+        # float32 accumulation of exactly-stored weights; the AMX path splits x in bf16 hi+lo (2^-17)
+        tol = 2e-5 if isa == "amx" else 2e-6
+        assert report["linear_max_rel_err"] < tol, report
+        assert report["moe_max_rel_err"] < tol, report
+        assert report["bad_index_error"] == "expert index 9 out of range [0, 8) (token 2)", report
+
+
+def test_bf16_artifact_runs_on_the_kernels_and_matches_transformers(oracle_cache, lib_path):
+    import oracle
+
+    _, ref_model = oracle_cache.checkpoint("v3_bf16")
+    art = oracle_cache.artifact("v3_bf16", "bf16")
+    model = load(art, backend="cpu")
+    assert model.program.half_kernels
+    graph = onnx.load(str(art / "model.onnx"), load_external_data=False)
+    rewritten = onnx.ModelProto()
+    rewritten.CopyFrom(graph)
+    cpu.rewrite_for_ort(rewritten, half_kernels=True)
+    ops = {n.op_type for n in rewritten.graph.node if n.domain == cpu.HALF_DOMAIN}
+    assert ops == {"LinearBf16", "MoEBf16"}
+    # no float32 copy of a 2-D weight or of the experts is made any more
+    inits = {t.name: t for t in rewritten.graph.initializer}
+    big_casts = [
+        n
+        for n in rewritten.graph.node
+        if n.op_type == "Cast" and n.input[0] in inits and len(inits[n.input[0]].dims) == 2
+    ]
+    assert not [n for n in big_casts if "embed" not in n.input[0]], big_casts
+
+    want = oracle.reference_logits(ref_model, PROMPT)
+    got = model.session().forward(PROMPT)
+    scale = max(1.0, float(np.abs(want).max()))
+    assert float(np.abs(got - want).max()) <= 1e-4 * scale
+    assert model.session().generate(PROMPT, max_new_tokens=32, ignore_eos=True).tokens == oracle.reference_greedy(
+        ref_model, PROMPT, 32
+    )
+
+
+@pytest.mark.parametrize("weights", ["bf16", "fp16"])
+def test_kernels_equal_the_float32_widening_path(oracle_cache, lib_path, weights):
+    """Same artifact, with and without the kernels: a long prompt (prefill-sized products, AMX where
+    present), then decode steps; and 1 thread gives the same bits as 2."""
+    art = oracle_cache.artifact("v3", weights)
+    fast = load(art, backend="cpu", threads=2)
+    slow = load(art, backend="cpu", half_kernels=False)
+    one = load(art, backend="cpu", threads=1)
+    assert fast.program.half_kernels and not slow.program.half_kernels
+    prompt = [int(t) for t in np.random.default_rng(1).integers(1, 100, 40)]
+    a, b, c = fast.session(), slow.session(), one.session()
+    la, lb, lc = a.prefill(prompt), b.prefill(prompt), c.prefill(prompt)
+    for _ in range(4):
+        token = int(np.argmax(lb))
+        scale = max(1.0, float(np.abs(lb).max()))
+        assert float(np.abs(la - lb).max()) <= 1e-4 * scale
+        np.testing.assert_array_equal(la, lc)
+        la, lb, lc = a.step(token), b.step(token), c.step(token)
+
+
+def _session(lib_path: Path, nodes, inputs, outputs, inits) -> ort.InferenceSession:
+    graph = helper.make_graph(nodes, "g", inputs, outputs, inits)
+    model = helper.make_model(
+        graph, opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid(cpu.HALF_DOMAIN, 1)], ir_version=8
+    )
+    so = ort.SessionOptions()
+    so.register_custom_ops_library(str(lib_path))
+    return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+
+
+def test_operator_errors_name_the_problem(lib_path):
+    """Bad inputs reaching the ONNX Runtime operators fail the run with a message, never crash."""
+    rng = np.random.default_rng(0)
+    gu = numpy_helper.from_array(rng.standard_normal((8, 2 * 16, 32)).astype(ml_dtypes.bfloat16), "gu")
+    dn = numpy_helper.from_array(rng.standard_normal((8, 32, 16)).astype(ml_dtypes.bfloat16), "dn")
+    f = TensorProto.FLOAT
+    sess = _session(
+        lib_path,
+        [helper.make_node("MoEBf16", ["x", "idx", "w", "gu", "dn"], ["y"], domain=cpu.HALF_DOMAIN)],
+        [
+            helper.make_tensor_value_info("x", f, ["t", 32]),
+            helper.make_tensor_value_info("idx", TensorProto.INT64, ["t", 2]),
+            helper.make_tensor_value_info("w", f, ["t", 2]),
+        ],
+        [helper.make_tensor_value_info("y", f, None)],
+        [gu, dn],
+    )
+    x = rng.standard_normal((3, 32)).astype(np.float32)
+    w = np.full((3, 2), 0.5, np.float32)
+    ok = sess.run(None, {"x": x, "idx": np.array([[0, 1], [2, 3], [7, 4]]), "w": w})[0]
+    assert ok.shape == (3, 32) and np.isfinite(ok).all()
+    with pytest.raises(Exception, match=r"MoEBf16: expert index 8 out of range \[0, 8\) \(token 1\)"):
+        sess.run(None, {"x": x, "idx": np.array([[0, 1], [8, 3], [7, 4]]), "w": w})
+    with pytest.raises(Exception, match=r"MoEBf16: inconsistent shapes"):
+        sess.run(None, {"x": x, "idx": np.array([[0, 1], [2, 3]]), "w": w[:2]})
+
+    lin = _session(
+        lib_path,
+        [helper.make_node("LinearFp16", ["x", "wt"], ["y"], domain=cpu.HALF_DOMAIN)],
+        [helper.make_tensor_value_info("x", f, ["m", "k"])],
+        [helper.make_tensor_value_info("y", f, None)],
+        [numpy_helper.from_array(rng.standard_normal((5, 32)).astype(np.float16), "wt")],
+    )
+    with pytest.raises(Exception, match=r"LinearFp16: x has 31 features but the weight \[5, 32\] expects 32"):
+        lin.run(None, {"x": np.zeros((2, 31), np.float32)})
+
+
+def test_backends_lists_the_kernels(lib_path):
+    from click.testing import CliRunner
+
+    from moeport.tools.cli import main
+
+    out = CliRunner().invoke(main, ["backends"])
+    assert out.exit_code == 0
+    line = next(ln for ln in out.output.splitlines() if ln.startswith("cpu"))
+    assert f"half-precision kernels: {cpu.kernels_isa(lib_path)}" in line
