@@ -9,8 +9,8 @@
  *   moeport_moe:    DeepSeek's routed experts, the chosen experts only (see exporter/ops.py ``MoE``)
  *
  * Work is split into independent items run through a caller-given parallel-for (ONNX Runtime's
- * intra-op thread pool in ort_ops.c, a plain loop for tests). x86-64 gets AVX-512 paths chosen at run
- * time; every machine has the portable C path.
+ * intra-op thread pool in ort_ops.c, a plain loop for tests). x86-64 gets AVX-512 paths, and AMX-BF16
+ * tiles for bf16 products of more than 4 rows, chosen at run time; every machine has the portable C path.
  */
 #include "kernels.h"
 
@@ -418,10 +418,6 @@ static int pack(const float* x, int64_t m, int64_t ldx, int64_t k, uint16_t* hi,
 #endif
 }
 
-int moeport_gemm(const float* x, int64_t m_rows, int64_t ldx, const uint16_t* w, int64_t rows, int64_t k, float* y,
-                 int64_t ldy, int dtype) {
-  return gemm(x, m_rows, ldx, NULL, NULL, w, rows, k, y, ldy, dtype);
-}
 
 /* ---- workspace ------------------------------------------------------------------------------
  * A call's large buffers are kept for the next call: fresh allocations of this size come straight

@@ -16,10 +16,6 @@ typedef void (*moeport_parallel_for)(void* ctx, void (*fn)(void*, size_t), size_
 
 MOEPORT_API const char* moeport_kernels_isa(void);
 
-/* y[m, n] = sum_k x[m, k] * w[n, k] over `rows` rows of w; x and y row strides ldx, ldy. 0 on success. */
-int moeport_gemm(const float* x, int64_t m_rows, int64_t ldx, const uint16_t* w, int64_t rows, int64_t k, float* y,
-                 int64_t ldy, int dtype);
-
 /* y [m, n] = x [m, k] . w [n, k]^T */
 int moeport_linear(const float* x, int64_t m, int64_t k, const uint16_t* w, int64_t n, float* y, int dtype,
                    moeport_parallel_for pfor, void* pctx);
