@@ -61,6 +61,19 @@ static void widen_generic(const uint16_t* src, float* dst, int64_t n, int dtype)
     for (int64_t i = 0; i < n; i++) dst[i] = f16_to_f32(src[i]);
 }
 
+/* A per-thread buffer of at least `bytes`, grown on demand and kept (slot: one buffer per use). */
+static void* thread_scratch(int slot, size_t bytes) {
+  static __thread void* buf[2];
+  static __thread size_t cap[2];
+  if (bytes > cap[slot]) {
+    free(buf[slot]);
+    buf[slot] = aligned_alloc(64, (bytes + 63) & ~(size_t)63);
+    cap[slot] = buf[slot] ? bytes : 0;
+  }
+  return buf[slot];
+}
+enum { SCRATCH_ROWS = 0, SCRATCH_TILES = 1 };
+
 /* ---- portable GEMM: y[m, n] = sum_k x[m, k] w[n, k] for n in [0, rows) ------------------------ */
 
 static void gemm_generic(const float* x, int64_t m_rows, int64_t ldx, const uint16_t* w, int64_t rows, int64_t k,
@@ -87,9 +100,11 @@ AVX512 INLINE __m512 load_w16(const uint16_t* p, int dtype, __mmask16 mask) {
   return _mm512_cvtph_ps(h);
 }
 
-/* MR rows of x against 4 rows of W (half, widened in registers), all of K. */
-AVX512 INLINE void tile_half(const float* x, int64_t ldx, const uint16_t* w, int64_t k, float* y, int64_t ldy, int mr,
-                             int nr, int dtype, int prefetch) {
+/* MR rows of x against 4 rows of W, all of K. The rows are either the stored half-precision ones
+ * (wtype = their dtype; widened in registers as they stream, row stride k) or 4 already widened float
+ * rows (wtype 0; the scratch of widen_rows, zero-padded to row stride ldw). */
+AVX512 INLINE void tile(const float* x, int64_t ldx, const void* w, int64_t ldw, int64_t k, float* y, int64_t ldy,
+                        int mr, int nr, int wtype, int prefetch) {
   __m512 acc[4][4];
 #pragma GCC unroll 4
   for (int m = 0; m < 4; m++)
@@ -98,40 +113,17 @@ AVX512 INLINE void tile_half(const float* x, int64_t ldx, const uint16_t* w, int
   for (int64_t i = 0; i < k; i += 16) {
     __mmask16 mask = (k - i >= 16) ? (__mmask16)0xffff : (__mmask16)((1u << (k - i)) - 1);
     __m512 wv[4];
-    if (prefetch && !(i & 31)) /* 2 KB ahead in each row's stream, a line per row every 32 k */
+    if (wtype) {
+      const uint16_t* wh = (const uint16_t*)w;
+      if (prefetch && !(i & 31)) /* 2 KB ahead in each row's stream, a line per row every 32 k */
 #pragma GCC unroll 4
-      for (int n = 0; n < 4; n++) _mm_prefetch((const char*)(w + n * k + i + 1024), _MM_HINT_T0);
+        for (int n = 0; n < 4; n++) _mm_prefetch((const char*)(wh + n * ldw + i + 1024), _MM_HINT_T0);
 #pragma GCC unroll 4
-    for (int n = 0; n < 4; n++) wv[n] = n < nr ? load_w16(w + n * k + i, dtype, mask) : _mm512_setzero_ps();
+      for (int n = 0; n < 4; n++) wv[n] = n < nr ? load_w16(wh + n * ldw + i, wtype, mask) : _mm512_setzero_ps();
+    } else {
 #pragma GCC unroll 4
-    for (int m = 0; m < 4; m++) {
-      if (m < mr) {
-        __m512 xv = _mm512_maskz_loadu_ps(mask, x + m * ldx + i);
-#pragma GCC unroll 4
-        for (int n = 0; n < 4; n++) acc[m][n] = _mm512_fmadd_ps(xv, wv[n], acc[m][n]);
-      }
+      for (int n = 0; n < 4; n++) wv[n] = _mm512_load_ps((const float*)w + n * ldw + i);
     }
-  }
-#pragma GCC unroll 4
-  for (int m = 0; m < 4; m++)
-#pragma GCC unroll 4
-    for (int n = 0; n < 4; n++)
-      if (m < mr && n < nr) y[m * ldy + n] = _mm512_reduce_add_ps(acc[m][n]);
-}
-
-/* MR rows of x against 4 widened float rows of W (scratch, row stride kp). */
-AVX512 INLINE void tile_f32(const float* x, int64_t ldx, const float* w, int64_t kp, int64_t k, float* y, int64_t ldy,
-                            int mr, int nr) {
-  __m512 acc[4][4];
-#pragma GCC unroll 4
-  for (int m = 0; m < 4; m++)
-#pragma GCC unroll 4
-    for (int n = 0; n < 4; n++) acc[m][n] = _mm512_setzero_ps();
-  for (int64_t i = 0; i < k; i += 16) {
-    __mmask16 mask = (k - i >= 16) ? (__mmask16)0xffff : (__mmask16)((1u << (k - i)) - 1);
-    __m512 wv[4];
-#pragma GCC unroll 4
-    for (int n = 0; n < 4; n++) wv[n] = _mm512_load_ps(w + n * kp + i); /* zero-padded to kp */
 #pragma GCC unroll 4
     for (int m = 0; m < 4; m++) {
       if (m < mr) {
@@ -167,21 +159,21 @@ AVX512 INLINE void gemm_avx512_t(const float* x, int64_t m_rows, int64_t ldx, co
     if (m_rows <= 4) { /* decode-sized: stream the weights once, widening in registers */
       int more = rows - n >= 8; /* prefetching past the last rows would read past the weights */
       switch (m_rows) {
-        case 1: tile_half(x, ldx, wn, k, y + n, ldy, 1, nr, dtype, more); break;
-        case 2: tile_half(x, ldx, wn, k, y + n, ldy, 2, nr, dtype, more); break;
-        case 3: tile_half(x, ldx, wn, k, y + n, ldy, 3, nr, dtype, more); break;
-        default: tile_half(x, ldx, wn, k, y + n, ldy, 4, nr, dtype, more); break;
+        case 1: tile(x, ldx, wn, k, k, y + n, ldy, 1, nr, dtype, more); break;
+        case 2: tile(x, ldx, wn, k, k, y + n, ldy, 2, nr, dtype, more); break;
+        case 3: tile(x, ldx, wn, k, k, y + n, ldy, 3, nr, dtype, more); break;
+        default: tile(x, ldx, wn, k, k, y + n, ldy, 4, nr, dtype, more); break;
       }
       continue;
     }
     /* more rows: widen these 4 weight rows once, then reuse them for every 4 rows of x */
     widen_rows(wn, nr, k, scratch, kp, dtype);
     int64_t m = 0;
-    for (; m + 4 <= m_rows; m += 4) tile_f32(x + m * ldx, ldx, scratch, kp, k, y + m * ldy + n, ldy, 4, nr);
+    for (; m + 4 <= m_rows; m += 4) tile(x + m * ldx, ldx, scratch, kp, k, y + m * ldy + n, ldy, 4, nr, 0, 0);
     switch (m_rows - m) {
-      case 1: tile_f32(x + m * ldx, ldx, scratch, kp, k, y + m * ldy + n, ldy, 1, nr); break;
-      case 2: tile_f32(x + m * ldx, ldx, scratch, kp, k, y + m * ldy + n, ldy, 2, nr); break;
-      case 3: tile_f32(x + m * ldx, ldx, scratch, kp, k, y + m * ldy + n, ldy, 3, nr); break;
+      case 1: tile(x + m * ldx, ldx, scratch, kp, k, y + m * ldy + n, ldy, 1, nr, 0, 0); break;
+      case 2: tile(x + m * ldx, ldx, scratch, kp, k, y + m * ldy + n, ldy, 2, nr, 0, 0); break;
+      case 3: tile(x + m * ldx, ldx, scratch, kp, k, y + m * ldy + n, ldy, 3, nr, 0, 0); break;
       default: break;
     }
   }
@@ -259,27 +251,18 @@ AMX static void amx_copy_rows(const uint16_t* w, int64_t k, uint16_t* dst) {
   for (int64_t r = 0; r < 32; r++) {
     const uint16_t* src = w + r * k;
     uint16_t* out = dst + (r / 16) * 512 + (r % 16) * 32;
-    for (int64_t kb = 0; kb < kb_count; kb++) _mm512_store_si512((__m512i*)(out + kb * 1024), _mm512_loadu_si512(src + kb * 32));
+    for (int64_t kb = 0; kb < kb_count; kb++)
+      _mm512_store_si512((__m512i*)(out + kb * 1024), _mm512_loadu_si512(src + kb * 32));
   }
 }
 
-static uint16_t* tile_scratch(int64_t k) {
-  static __thread uint16_t* buf = NULL;
-  static __thread int64_t cap = 0;
-  if (32 * k > cap) {
-    free(buf);
-    buf = (uint16_t*)aligned_alloc(64, (size_t)(32 * k) * sizeof(uint16_t));
-    cap = buf ? 32 * k : 0;
-  }
-  return buf;
-}
 
 /* y[m, n] for n in [0, rows32), rows32 a multiple of 32, from packed x (hi, lo) and bf16 w. */
 AMX static int amx_gemm(const uint16_t* hi, const uint16_t* lo, int64_t m_rows, const uint16_t* w, int64_t rows32,
                         int64_t k, float* y, int64_t ldy) {
   int64_t kb_count = k / 32;
   float c[2][256] __attribute__((aligned(64)));
-  uint16_t* wt = tile_scratch(k);
+  uint16_t* wt = (uint16_t*)thread_scratch(SCRATCH_TILES, (size_t)(32 * k) * sizeof(uint16_t));
   if (!wt) return -1;
   amx_configure();
   for (int64_t n = 0; n < rows32; n += 32) {
@@ -327,7 +310,8 @@ enum { ISA_GENERIC = 0, ISA_AVX512 = 1, ISA_AMX = 2 };
 
 static int amx_usable(void) {
   unsigned a, b, c, d;
-  if (!__get_cpuid_count(7, 0, &a, &b, &c, &d) || !(d & (1u << 22)) || !(d & (1u << 24))) return 0; /* AMX-BF16, -TILE */
+  /* AMX-BF16, AMX-TILE */
+  if (!__get_cpuid_count(7, 0, &a, &b, &c, &d) || !(d & (1u << 22)) || !(d & (1u << 24))) return 0;
   if (!__get_cpuid_count(7, 1, &a, &b, &c, &d) || !(a & (1u << 5))) return 0;                       /* AVX512-BF16 */
 #ifdef __linux__
   return syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */, 18 /* XFEATURE_XTILEDATA */) == 0;
@@ -344,7 +328,10 @@ static int isa(void) {
   int level = ISA_GENERIC;
 #ifdef MOEPORT_X86
   const char* env = getenv("MOEPORT_KERNELS_ISA");
-  int cap = !env || !*env ? ISA_AMX : strcmp(env, "generic") == 0 ? ISA_GENERIC : strcmp(env, "avx512") == 0 ? ISA_AVX512 : ISA_AMX;
+  int cap = !env || !*env                  ? ISA_AMX
+            : strcmp(env, "generic") == 0 ? ISA_GENERIC
+            : strcmp(env, "avx512") == 0  ? ISA_AVX512
+                                          : ISA_AMX;
   __builtin_cpu_init();
   if (cap >= ISA_AVX512 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
       __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq"))
@@ -367,23 +354,12 @@ static int use_amx(int64_t m, int64_t k, int dtype) {
 
 static size_t packed_elems(int64_t m, int64_t k) { return (size_t)((m + 15) / 16) * (size_t)(k / 32) * 512; }
 
-/* Per-thread scratch, grown on demand (4 widened weight rows). */
-static float* scratch_for(int64_t k) {
-  static __thread float* buf = NULL;
-  static __thread int64_t cap = 0;
-  int64_t need = 4 * (((k + 15) & ~(int64_t)15) + 16);
-  if (need > cap) {
-    free(buf);
-    buf = aligned_alloc(64, (size_t)need * sizeof(float));
-    cap = buf ? need : 0;
-  }
-  return buf;
-}
 
 /* y[m, n] = sum_k x[m, k] w[n, k] for `rows` rows of w; hi/lo: x packed for AMX (or NULL). */
 static int gemm(const float* x, int64_t m_rows, int64_t ldx, const uint16_t* hi, const uint16_t* lo,
                 const uint16_t* w, int64_t rows, int64_t k, float* y, int64_t ldy, int dtype) {
-  float* scratch = scratch_for(k);
+  /* 4 widened weight rows, zero-padded to a multiple of 16 */
+  float* scratch = (float*)thread_scratch(SCRATCH_ROWS, (size_t)(4 * (((k + 15) & ~(int64_t)15) + 16)) * 4);
   if (!scratch) return -1;
 #ifdef MOEPORT_X86
   if (hi && rows >= 32) {

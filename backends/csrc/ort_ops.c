@@ -124,7 +124,8 @@ static OrtStatus* moe_compute(const MoeportOp* op, OrtKernelContext* ctx) {
   TRY(input(ctx, 3, &gu, gd, &gr));
   TRY(input(ctx, 4, &dn, dd, &dr));
   if (xr != 2 || ir != 2 || wr != 2 || gr != 3 || dr != 3)
-    return fail(op->name, "expects x [T, H], expert_idx [T, k], expert_weights [T, k], gate_up [E, 2I, H], down [E, H, I]");
+    return fail(op->name,
+                "expects x [T, H], expert_idx [T, k], expert_weights [T, k], gate_up [E, 2I, H], down [E, H, I]");
   int64_t t = xd[0], h = xd[1], k = id[1], e = gd[0], inter = gd[1] / 2;
   if (id[0] != t || wd[0] != t || wd[1] != k || gd[2] != h || gd[1] % 2 || dd[0] != e || dd[1] != h ||
       dd[2] != inter) {
@@ -209,9 +210,9 @@ MOEPORT_API OrtStatus* RegisterCustomOps(OrtSessionOptions* options, const OrtAp
     fprintf(stderr, "moeport kernels: ONNX Runtime %s is older than 1.%d\n", base->GetVersionString(),
             MOEPORT_ORT_API_VERSION);
     api = base->GetApi(1);
-    return api ? ((Fn_CreateStatus)((const OrtAnyFn*)api)[SLOT_CreateStatus])(ORT_E_FAIL,
-                                                                             "moeport kernels need ONNX Runtime >= 1.17")
-               : NULL;
+    if (!api) return NULL;
+    Fn_CreateStatus create_status = (Fn_CreateStatus)((const OrtAnyFn*)api)[SLOT_CreateStatus];
+    return create_status(ORT_E_FAIL, "moeport kernels need ONNX Runtime >= 1.17");
   }
   g_api = (const OrtAnyFn*)api;
   OrtCustomOpDomain* domain = NULL;
