@@ -651,8 +651,7 @@ def check_coverage(model: onnx.ModelProto, coverage: dict[str, Any], graph_name:
 
 def _cache_key(artifact: Artifact, settings: NpuSettings) -> str:
     h = hashlib.sha256()
-    files = artifact.manifest.get("files", {})
-    h.update(json.dumps({k: v.get("sha256") for k, v in sorted(files.items())}, sort_keys=True).encode())
+    h.update(artifact.content_id())
     h.update(json.dumps(settings.key_fields(), sort_keys=True).encode())
     h.update(f"{_SPEC_VERSION}|{onnx.__version__}".encode())
     h.update(Path(__file__).read_bytes())

@@ -756,8 +756,7 @@ class CrossCompiledProgram:
 def _base_key(artifact: Artifact, tvm_version: str) -> str:
     """What a library's code depends on besides the target: the graph and weights, TVM, this file."""
     h = hashlib.sha256()
-    files = artifact.manifest.get("files", {})
-    h.update(json.dumps({k: v.get("sha256") for k, v in sorted(files.items())}, sort_keys=True).encode())
+    h.update(artifact.content_id())
     h.update(f"{tvm_version}|{_PREP_VERSION}".encode())
     h.update(Path(__file__).read_bytes())  # the graph rewrites and the calling convention in this file
     return h.hexdigest()[:16]

@@ -63,6 +63,12 @@ class Artifact:
     def cache(self) -> dict[str, Any]:
         return self.manifest["cache"]
 
+    def content_id(self) -> bytes:
+        """The artifact's files by checksum, as canonical bytes: what a compiled form derived from it depends
+        on (backends hash it into the keys of their compiled caches)."""
+        files = self.manifest.get("files", {})
+        return json.dumps({k: v.get("sha256") for k, v in sorted(files.items())}, sort_keys=True).encode()
+
     def file(self, name: str) -> Path | None:
         """A copied side file (tokenizer.json, generation_config.json, ...) if the artifact has it."""
         if name in self.manifest.get("files", {}):
