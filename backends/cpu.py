@@ -15,8 +15,13 @@ weight bytes from the artifact's external data (nothing is copied or re-quantize
   Runtime has no bf16 MatMul on CPUs and would otherwise widen every weight to float32 at load
   (twice the bytes per token). Without the built kernels (no C compiler at install) that widening is
   what happens, and ``moeport backends`` says so.
+- int8 / int4 weights (``QLinear``, ``QMoE``) -> the same library's ``LinearQ8/Q4``, ``MoEQ8/Q4`` when
+  it is built: they read the artifact's codes and scales in place (no pre-packed copy, so a session
+  loads in a fraction of a second and holds the weights once), decode with AVX512-VNNI byte products
+  and prefill on AMX tiles; ``quant_kernels=False`` keeps ONNX Runtime's ``MatMulNBits``/``QMoE``.
 
-Options: ``threads``; ``accuracy_level`` of the quantized kernels (4, the default, lets them quantize
+Options: ``threads``; ``half_kernels`` / ``quant_kernels`` (default true: moeport's kernels where
+built); ``accuracy_level`` of ONNX Runtime's quantized kernels (4, the default, lets them quantize
 activations to int8 per block on the fly as llama.cpp's Q4/Q8 dot products do — on this CPU class
 the fast int8/int4 kernels exist only in that mode; 0 keeps float32 activations, exact but far
 slower at 8 bits); ``reference=True`` keeps the reference decompositions instead (for checking).
@@ -38,7 +43,7 @@ from moeport.exporter.ops import DOMAIN, parse_op_type, top_k_constant
 from .base import API_VERSION, Availability, BackendError
 
 MS = "com.microsoft"
-HALF_DOMAIN = "ai.moeport.cpu"
+KERNELS_DOMAIN = "ai.moeport.cpu"
 _HALF_SUFFIX = {TensorProto.BFLOAT16: "Bf16", TensorProto.FLOAT16: "Fp16"}
 _SENTINEL = -1.0e30
 # silu(gate) * up with gate/up rows interleaved in one fc1 (the layout ORT's CPU MoE kernels accept);
@@ -51,9 +56,10 @@ _SWIGLU = dict(
 class OrtProgram:
     """An ONNX Runtime session over the (rewritten) graph."""
 
-    def __init__(self, session: Any, half_kernels: bool = False):
+    def __init__(self, session: Any, half_kernels: bool = False, quant_kernels: bool = False):
         self.session = session
         self.half_kernels = half_kernels  # bf16/fp16 weights read as stored by moeport's kernels
+        self.quant_kernels = quant_kernels  # int8/int4 weights on moeport's kernels (not MatMulNBits/QMoE)
         self.input_names = [i.name for i in session.get_inputs()]
         self.output_names = [o.name for o in session.get_outputs()]
 
@@ -64,7 +70,7 @@ class OrtProgram:
 
 class CpuBackend:
     name = "cpu"
-    description = "ONNX Runtime, CPU execution provider (MatMulNBits, fused MoE kernels)"
+    description = "ONNX Runtime, CPU execution provider (moeport's bf16/int8/int4 kernels, fused MoE kernels)"
     priority = 10
     api_version = API_VERSION
 
@@ -76,26 +82,42 @@ class CpuBackend:
         if "CPUExecutionProvider" not in ort.get_available_providers():
             return Availability(False, "onnxruntime has no CPUExecutionProvider")
         lib, why = kernels_library()
-        half = f"half-precision kernels: {kernels_isa(lib)}" if lib else f"half-precision kernels unavailable ({why})"
-        return Availability(True, f"onnxruntime {ort.__version__}; {half}")
+        native = f"moeport kernels: {kernels_isa(lib)}" if lib else f"moeport kernels unavailable ({why})"
+        return Availability(True, f"onnxruntime {ort.__version__}; {native}")
 
     def compile(self, artifact: Artifact, options: dict[str, Any]) -> OrtProgram:
         import onnxruntime as ort
 
         so = session_options(options.get("threads"), artifact.directory)
         model = onnx.load(str(artifact.graph_path), load_external_data=False)
-        half = False
+        half = quant = False
         if not options.get("reference"):
-            lib = kernels_library()[0] if options.get("half_kernels", True) else None
-            rewrite_for_ort(model, accuracy_level=int(options.get("accuracy_level", 4)), half_kernels=lib is not None)
-            half = any(n.domain == HALF_DOMAIN for n in model.graph.node)
-            if half:
+            lib = kernels_library()[0]
+            rewrite_for_ort(
+                model,
+                accuracy_level=int(options.get("accuracy_level", 4)),
+                half_kernels=lib is not None and _flag(options.get("half_kernels", True)),
+                quant_kernels=lib is not None and _flag(options.get("quant_kernels", True)),
+            )
+            ours = {n.op_type for n in model.graph.node if n.domain == KERNELS_DOMAIN}
+            half = any(op[-2:] not in ("Q8", "Q4") for op in ours)
+            quant = any(op[-2:] in ("Q8", "Q4") for op in ours)
+            if ours:
                 so.register_custom_ops_library(str(lib))
         try:
             session = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
         except Exception as exc:
             raise BackendError(f"cpu: onnxruntime could not load {artifact.graph_path}: {exc}") from exc
-        return OrtProgram(session, half_kernels=half)
+        return OrtProgram(session, half_kernels=half, quant_kernels=quant)
+
+
+def _flag(value: Any) -> bool:
+    """A boolean compile option, also as given on the command line (``-o quant_kernels=0``)."""
+    if isinstance(value, str):
+        if value.lower() not in ("0", "1", "true", "false", "yes", "no", "on", "off"):
+            raise BackendError(f"cpu: expected a boolean (0/1, true/false), got {value!r}")
+        return value.lower() in ("1", "true", "yes", "on")
+    return bool(value)
 
 
 def kernels_library() -> tuple[Path | None, str]:
@@ -141,10 +163,15 @@ def _reshaped(tensor: TensorProto, name: str, dims: list[int]) -> TensorProto:
 
 
 def rewrite_for_ort(
-    model: onnx.ModelProto, accuracy_level: int = 4, moe_accuracy_level: int | None = None, half_kernels: bool = False
+    model: onnx.ModelProto,
+    accuracy_level: int = 4,
+    moe_accuracy_level: int | None = None,
+    half_kernels: bool = False,
+    quant_kernels: bool = False,
 ) -> None:
-    """Replace moeport's operators by ONNX Runtime's fused CPU kernels, in place; with ``half_kernels``,
-    bf16/fp16 weights go to moeport's kernel library instead of being widened to float32."""
+    """Replace moeport's operators by fast CPU kernels, in place: ONNX Runtime's fused ones, or with
+    ``half_kernels`` moeport's kernel library for bf16/fp16 weights (instead of widening them to float32)
+    and with ``quant_kernels`` for int8/int4 weights (instead of ``MatMulNBits``/``QMoE``)."""
     if moe_accuracy_level is None:
         moe_accuracy_level = accuracy_level
     graph = model.graph
@@ -207,14 +234,17 @@ def rewrite_for_ort(
             if attrs.get("transB") == 1 and not attrs.get("transA") and attrs.get("alpha", 1.0) == 1.0:
                 op = "Linear" + _HALF_SUFFIX[w.data_type]
                 new_nodes.append(
-                    helper.make_node(op, [n.input[0], w.name], list(n.output), name=n.name, domain=HALF_DOMAIN)
+                    helper.make_node(op, [n.input[0], w.name], list(n.output), name=n.name, domain=KERNELS_DOMAIN)
                 )
                 continue
         if n.domain != DOMAIN:
             new_nodes.append(n)
             continue
         kind, bits, block = parse_op_type(n.op_type)
-        if kind == "QLinear":
+        if kind in ("QLinear", "QMoE") and quant_kernels and bits in (4, 8):
+            op = ("Linear" if kind == "QLinear" else "MoE") + f"Q{bits}"
+            new_nodes.append(helper.make_node(op, list(n.input), list(n.output), name=n.name, domain=KERNELS_DOMAIN))
+        elif kind == "QLinear":
             x, codes, scales = n.input
             c, s = inits[codes], inits[scales]
             rows, k = c.dims[0], c.dims[1] * 8 // bits
@@ -244,7 +274,9 @@ def rewrite_for_ort(
                 raise BackendError(f"cpu: {n.name}: gate_up and down experts differ in dtype")
             op = "MoE" + _HALF_SUFFIX[gu.data_type]
             new_nodes.append(
-                helper.make_node(op, [*n.input[:3], gu.name, dn.name], list(n.output), name=n.name, domain=HALF_DOMAIN)
+                helper.make_node(
+                    op, [*n.input[:3], gu.name, dn.name], list(n.output), name=n.name, domain=KERNELS_DOMAIN
+                )
             )
         elif kind == "MoE":
             x, idx, w, gate_up, down = n.input
@@ -291,6 +323,6 @@ def rewrite_for_ort(
     keep = [t for t in graph.initializer if t.name in used]
     del graph.initializer[:]
     graph.initializer.extend(keep)
-    for domain in (MS, HALF_DOMAIN):
+    for domain in (MS, KERNELS_DOMAIN):
         if not any(o.domain == domain for o in model.opset_import):
             model.opset_import.append(helper.make_opsetid(domain, 1))

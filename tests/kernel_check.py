@@ -1,4 +1,5 @@
-"""Checks moeport's kernel library against float64 numpy on the code path this process gets.
+"""Checks moeport's kernel library against float64 numpy on the code path this process gets: bf16/fp16
+weights, and int8/int4 block-quantized ones against their dequantized values.
 
 Run by tests/test_cpu_kernels.py as ``python kernel_check.py LIB`` with ``MOEPORT_KERNELS_ISA`` set
 (the library picks its path once per process); prints one JSON line.
@@ -13,37 +14,42 @@ import sys
 import ml_dtypes
 import numpy as np
 
+from moeport.exporter.ops import dequantize_blocks, quantize_blocks
+
 HALF = {16: ml_dtypes.bfloat16, 10: np.float16}
 
 
-def _moe(lib, x, idx, weights, gate_up, down, inter, dtype, err) -> tuple[int, np.ndarray]:
+def _ptr(a):
+    return a.ctypes.data if isinstance(a, np.ndarray) else a
+
+
+def _moe(lib, x, idx, weights, gate_up, down, inter, dtype, err, gs=None, ds=None, block=0) -> tuple[int, np.ndarray]:
     (tokens, hidden), k, experts = x.shape, idx.shape[1], gate_up.shape[0]
     y = np.full((tokens, hidden), np.nan, np.float32)
-    args = (x, tokens, hidden, idx, weights, k, gate_up, down, experts, inter, y, dtype, err, 256)
-    rc = lib.moeport_moe_serial(*[a.ctypes.data if isinstance(a, np.ndarray) else a for a in args])
-    return rc, y
+    args = (x, tokens, hidden, idx, weights, k, gate_up, gs, down, ds, block, experts, inter, y, dtype, err, 256)
+    return lib.moeport_moe_serial(*[_ptr(a) for a in args]), y
+
+
+def _moe_reference(x, idx, weights, g, d) -> np.ndarray:
+    ref = np.zeros(x.shape)
+    for t in range(x.shape[0]):
+        for j in range(idx.shape[1]):
+            h = g[idx[t, j]] @ x[t]
+            act = h[0::2] / (1 + np.exp(-h[0::2])) * h[1::2]
+            ref[t] += weights[t, j] * (d[idx[t, j]] @ act)
+    return ref
+
+
+def _rel(y, ref) -> float:
+    return float(np.abs(y - ref).max() / np.abs(ref).max())
 
 
 def main(path: str) -> None:
     lib = ctypes.CDLL(path)
     p, i64 = ctypes.c_void_p, ctypes.c_int64
-    lib.moeport_linear_serial.argtypes = [p, i64, i64, p, i64, p, ctypes.c_int]
-    lib.moeport_moe_serial.argtypes = [
-        p,
-        i64,
-        i64,
-        p,
-        p,
-        i64,
-        p,
-        p,
-        i64,
-        i64,
-        p,
-        ctypes.c_int,
-        ctypes.c_char_p,
-        ctypes.c_size_t,
-    ]
+    lib.moeport_linear_serial.argtypes = [p, i64, i64, p, p, i64, i64, p, ctypes.c_int]
+    lib.moeport_moe_serial.argtypes = [p, i64, i64, p, p, i64, p, p, p, p, i64, i64, i64, p, ctypes.c_int]
+    lib.moeport_moe_serial.argtypes += [ctypes.c_char_p, ctypes.c_size_t]
     lib.moeport_kernels_isa.restype = ctypes.c_char_p
     rng = np.random.default_rng(0)
     worst_linear = worst_moe = 0.0
@@ -63,9 +69,9 @@ def main(path: str) -> None:
             x = rng.standard_normal((m, k)).astype(np.float32)
             w = rng.standard_normal((n, k)).astype(np_half)
             y = np.full((m, n), np.nan, np.float32)
-            assert lib.moeport_linear_serial(x.ctypes.data, m, k, w.ctypes.data, n, y.ctypes.data, dtype) == 0
+            assert lib.moeport_linear_serial(x.ctypes.data, m, k, w.ctypes.data, None, 0, n, y.ctypes.data, dtype) == 0
             ref = x.astype(np.float64) @ w.astype(np.float64).T
-            worst_linear = max(worst_linear, float(np.abs(y - ref).max() / np.abs(ref).max()))
+            worst_linear = max(worst_linear, _rel(y, ref))
 
         tokens, hidden, experts, inter, k = 21, 64, 8, 48, 3
         x = rng.standard_normal((tokens, hidden)).astype(np.float32)
@@ -77,24 +83,52 @@ def main(path: str) -> None:
 
         rc, y = _moe(lib, x, idx, weights, gate_up, down, inter, dtype, err)
         assert rc == 0, err.value
-        g, d = gate_up.astype(np.float64), down.astype(np.float64)
-        ref = np.zeros((tokens, hidden))
-        for t in range(tokens):
-            for j in range(k):
-                h = g[idx[t, j]] @ x[t]
-                act = h[0::2] / (1 + np.exp(-h[0::2])) * h[1::2]
-                ref[t] += weights[t, j] * (d[idx[t, j]] @ act)
-        worst_moe = max(worst_moe, float(np.abs(y - ref).max() / np.abs(ref).max()))
+        ref = _moe_reference(x, idx, weights, gate_up.astype(np.float64), down.astype(np.float64))
+        worst_moe = max(worst_moe, _rel(y, ref))
         bad = idx.copy()
         bad[2, 1] = 9
         rc, _ = _moe(lib, x, bad, weights, gate_up, down, inter, dtype, err)
         assert rc == -1
+    # block-quantized weights (moeport's QLinear/QMoE format), against float64 on the dequantized weights;
+    # (m, k, n, block) with decode and prefill row counts, every block size from 16 up
+    q_linear = q_moe = 0.0
+    for bits in (8, 4):
+        for m, k, n, block in [
+            (1, 1024, 96, 32),
+            (3, 64, 13, 16),
+            (4, 128, 64, 64),
+            (2, 96, 33, 32),  # k not a multiple of 64: the last VNNI chunk is partial
+            (1, 48, 7, 16),
+            (17, 64, 96, 32),
+            (33, 256, 100, 128),
+            (40, 96, 33, 32),
+        ]:
+            x = rng.standard_normal((m, k)).astype(np.float32)
+            codes, scales = quantize_blocks(rng.standard_normal((n, k)).astype(np.float32), bits, block)
+            y = np.full((m, n), np.nan, np.float32)
+            rc = lib.moeport_linear_serial(*[_ptr(a) for a in (x, m, k, codes, scales, block, n, y, bits)])
+            assert rc == 0
+            ref = x.astype(np.float64) @ dequantize_blocks(codes, scales, bits, block).astype(np.float64).T
+            q_linear = max(q_linear, _rel(y, ref))
+        tokens, hidden, experts, inter, k, block = 21, 64, 8, 64, 3, 32
+        x = rng.standard_normal((tokens, hidden)).astype(np.float32)
+        idx = np.stack([rng.choice(experts - 1, k, replace=False) for _ in range(tokens)]).astype(np.int64)
+        weights = rng.random((tokens, k)).astype(np.float32)
+        gc, gs = quantize_blocks(rng.standard_normal((experts, 2 * inter, hidden)).astype(np.float32), bits, block)
+        dc, ds = quantize_blocks(rng.standard_normal((experts, hidden, inter)).astype(np.float32), bits, block)
+        g, d = (dequantize_blocks(c, s, bits, block).astype(np.float64) for c, s in ((gc, gs), (dc, ds)))
+        for rows in (tokens, 1, 2):  # prefill-sized experts, then decode-sized (one or two tokens)
+            rc, y = _moe(lib, x[:rows], idx[:rows], weights[:rows], gc, dc, inter, bits, err, gs, ds, block)
+            assert rc == 0, err.value
+            q_moe = max(q_moe, _rel(y, _moe_reference(x[:rows], idx[:rows], weights[:rows], g, d)))
     print(
         json.dumps(
             {
                 "isa": lib.moeport_kernels_isa().decode(),
                 "linear_max_rel_err": worst_linear,
                 "moe_max_rel_err": worst_moe,
+                "quantized_linear_max_rel_err": q_linear,
+                "quantized_moe_max_rel_err": q_moe,
                 "bad_index_error": err.value.decode(),
             }
         )

@@ -1,8 +1,10 @@
-"""moeport's native kernels for bf16/fp16 weights (backends/csrc) and the cpu backend's use of them.
+"""moeport's native kernels for bf16/fp16 and int8/int4 weights (backends/csrc) and the cpu backend's use
+of them.
 
-Each code path (portable C, AVX-512, AMX-BF16 where the CPU has it) is checked against float64 numpy
-on the same stored weights, then whole models against transformers (float32) and against the
-float32-widening path the backend takes without the kernels.
+Each code path (portable C, AVX-512, AVX512-VNNI, AMX-BF16 where the CPU has them) is checked against
+float64 numpy on the same stored weights, then whole models against transformers (float32), against
+the float32-widening path the backend takes without the kernels, and quantized models against the
+artifact's reference decomposition.
 """
 
 from __future__ import annotations
@@ -41,7 +43,8 @@ def lib_path() -> Path:
 
 def _isa_paths(lib_path: Path) -> list[str]:
     best = cpu.kernels_isa(lib_path)
-    return ["generic"] + (["avx512"] if best.startswith("avx512") else []) + (["amx"] if "amx" in best else [])
+    paths = ["generic"] + (["avx512"] if best.startswith("avx512") else [])
+    return paths + (["vnni"] if "vnni" in best else []) + (["amx"] if "amx" in best else [])
 
 
 def test_every_code_path_matches_numpy(lib_path):
@@ -59,11 +62,16 @@ def test_every_code_path_matches_numpy(lib_path):
         )
         assert out.returncode == 0, out.stderr
         report = json.loads(out.stdout.strip().splitlines()[-1])
-        assert report["isa"].startswith(isa if isa != "amx" else "avx512+amx"), report["isa"]
-        # float32 accumulation of exactly-stored weights; the AMX path splits x in bf16 hi+lo (2^-17)
+        want = {"generic": "generic", "avx512": "avx512", "vnni": "avx512+vnni", "amx": "avx512+vnni+amx-bf16"}
+        assert report["isa"] == want[isa], report["isa"]
+        # float32 accumulation of exactly-stored weights; the AMX path splits x (and dequantized weights)
+        # in bf16 hi+lo (2^-17); VNNI keeps 15 bits of x per weight block
         tol = 2e-5 if isa == "amx" else 2e-6
         assert report["linear_max_rel_err"] < tol, report
         assert report["moe_max_rel_err"] < tol, report
+        qtol = 1e-4 if isa in ("vnni", "amx") else 2e-6
+        assert report["quantized_linear_max_rel_err"] < qtol, report
+        assert report["quantized_moe_max_rel_err"] < qtol, report
         assert report["bad_index_error"] == "expert index 9 out of range [0, 8) (token 2)", report
 
 
@@ -78,7 +86,7 @@ def test_bf16_artifact_runs_on_the_kernels_and_matches_transformers(oracle_cache
     rewritten = onnx.ModelProto()
     rewritten.CopyFrom(graph)
     cpu.rewrite_for_ort(rewritten, half_kernels=True)
-    ops = {n.op_type for n in rewritten.graph.node if n.domain == cpu.HALF_DOMAIN}
+    ops = {n.op_type for n in rewritten.graph.node if n.domain == cpu.KERNELS_DOMAIN}
     assert ops == {"LinearBf16", "MoEBf16"}
     # no float32 copy of a 2-D weight or of the experts is made any more
     inits = {t.name: t for t in rewritten.graph.initializer}
@@ -118,10 +126,44 @@ def test_kernels_equal_the_float32_widening_path(oracle_cache, lib_path, weights
         la, lb, lc = a.step(token), b.step(token), c.step(token)
 
 
+@pytest.mark.parametrize("weights", ["int8", "int4"])
+def test_quantized_kernels_equal_the_reference_decomposition(tmp_path, lib_path, weights):
+    """int8/int4 artifacts run on LinearQ*/MoEQ* (reading the stored codes, no MatMulNBits/QMoE) and
+    compute what the artifact's reference functions define: a prefill-sized prompt (AMX where present),
+    then decode steps (VNNI where present); 1 thread gives the same bits as 2."""
+    from moeport.exporter import export
+    from moeport.tools.checkpoints import make_checkpoint
+
+    # dims divisible by the block size, so every Linear and the experts are quantized
+    ckpt = make_checkpoint(
+        tmp_path / "ckpt", "tiny", seed=5, overrides={"moe_intermediate_size": 32, "intermediate_size": 128}
+    )
+    art = export(ckpt, tmp_path / weights, weights=weights, block_size=32)
+    bits = weights[-1]
+    fast = load(art, backend="cpu", threads=2)
+    one = load(art, backend="cpu", threads=1)
+    ref = load(art, backend="cpu", reference=True)
+    assert fast.program.quant_kernels and not ref.program.quant_kernels
+    graph = onnx.load(str(art / "model.onnx"), load_external_data=False)
+    cpu.rewrite_for_ort(graph, quant_kernels=True)
+    ops = {n.op_type for n in graph.graph.node if n.domain == cpu.KERNELS_DOMAIN}
+    assert ops == {f"LinearQ{bits}", f"MoEQ{bits}", "LinearQ8"}  # int4 artifacts keep the head at 8 bits
+    assert not [n for n in graph.graph.node if n.op_type in ("MatMulNBits", "QMoE")]
+    prompt = [int(t) for t in np.random.default_rng(2).integers(1, 100, 40)]
+    a, b, c = fast.session(), ref.session(), one.session()
+    la, lb, lc = a.prefill(prompt), b.prefill(prompt), c.prefill(prompt)
+    for _ in range(4):
+        token = int(np.argmax(lb))
+        scale = max(1.0, float(np.abs(lb).max()))
+        assert float(np.abs(la - lb).max()) <= 2e-4 * scale
+        np.testing.assert_array_equal(la, lc)
+        la, lb, lc = a.step(token), b.step(token), c.step(token)
+
+
 def _session(lib_path: Path, nodes, inputs, outputs, inits) -> ort.InferenceSession:
     graph = helper.make_graph(nodes, "g", inputs, outputs, inits)
     model = helper.make_model(
-        graph, opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid(cpu.HALF_DOMAIN, 1)], ir_version=8
+        graph, opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid(cpu.KERNELS_DOMAIN, 1)], ir_version=8
     )
     so = ort.SessionOptions()
     so.register_custom_ops_library(str(lib_path))
@@ -136,7 +178,7 @@ def test_operator_errors_name_the_problem(lib_path):
     f = TensorProto.FLOAT
     sess = _session(
         lib_path,
-        [helper.make_node("MoEBf16", ["x", "idx", "w", "gu", "dn"], ["y"], domain=cpu.HALF_DOMAIN)],
+        [helper.make_node("MoEBf16", ["x", "idx", "w", "gu", "dn"], ["y"], domain=cpu.KERNELS_DOMAIN)],
         [
             helper.make_tensor_value_info("x", f, ["t", 32]),
             helper.make_tensor_value_info("idx", TensorProto.INT64, ["t", 2]),
@@ -156,13 +198,26 @@ def test_operator_errors_name_the_problem(lib_path):
 
     lin = _session(
         lib_path,
-        [helper.make_node("LinearFp16", ["x", "wt"], ["y"], domain=cpu.HALF_DOMAIN)],
+        [helper.make_node("LinearFp16", ["x", "wt"], ["y"], domain=cpu.KERNELS_DOMAIN)],
         [helper.make_tensor_value_info("x", f, ["m", "k"])],
         [helper.make_tensor_value_info("y", f, None)],
         [numpy_helper.from_array(rng.standard_normal((5, 32)).astype(np.float16), "wt")],
     )
     with pytest.raises(Exception, match=r"LinearFp16: x has 31 features but the weight \[5, 32\] expects 32"):
         lin.run(None, {"x": np.zeros((2, 31), np.float32)})
+
+    codes = numpy_helper.from_array(rng.integers(0, 255, (5, 16), dtype=np.uint8), "codes")
+    scales = numpy_helper.from_array(np.ones((5, 1), np.float32), "scales")
+    q4 = _session(
+        lib_path,
+        [helper.make_node("LinearQ4", ["x", "codes", "scales"], ["y"], domain=cpu.KERNELS_DOMAIN)],
+        [helper.make_tensor_value_info("x", f, ["m", "k"])],
+        [helper.make_tensor_value_info("y", f, None)],
+        [codes, scales],
+    )
+    assert q4.run(None, {"x": np.ones((1, 32), np.float32)})[0].shape == (1, 5)
+    with pytest.raises(Exception, match=r"LinearQ4: x has 30 features, which 4-bit codes with 16 bytes per row"):
+        q4.run(None, {"x": np.zeros((2, 30), np.float32)})
 
 
 def test_backends_lists_the_kernels(lib_path):
@@ -173,4 +228,4 @@ def test_backends_lists_the_kernels(lib_path):
     out = CliRunner().invoke(main, ["backends"])
     assert out.exit_code == 0
     line = next(ln for ln in out.output.splitlines() if ln.startswith("cpu"))
-    assert f"half-precision kernels: {cpu.kernels_isa(lib_path)}" in line
+    assert f"moeport kernels: {cpu.kernels_isa(lib_path)}" in line

@@ -1,16 +1,19 @@
-/* moeport's CPU kernels for half-precision (bf16 / fp16) weights.
+/* moeport's CPU kernels for half-precision (bf16 / fp16) and block-quantized (int8 / int4) weights.
  *
  * ONNX Runtime's CPU execution provider has no bf16 MatMul, so without these a bf16 artifact is
- * widened to float32 when a session loads (twice the bytes read per token). These kernels read the
- * stored 2-byte weights directly and widen them in registers; activations and accumulation stay
- * float32, so results equal float32 math on the stored weights up to summation order.
+ * widened to float32 when a session loads (twice the bytes read per token); its int8/int4 kernels
+ * pre-pack a second copy of the weights and, at their fast accuracy level, round activations to 8
+ * bits. These kernels read the stored weights in place: half-precision ones are widened in registers,
+ * quantized ones dequantized (code - zero) * scale as they stream; accumulation is float32.
  *
  *   moeport_linear: y[M, N] = x[M, K] . W[N, K]^T            (W in the checkpoint's [out, in] layout)
  *   moeport_moe:    DeepSeek's routed experts, the chosen experts only (see exporter/ops.py ``MoE``)
  *
  * Work is split into independent items run through a caller-given parallel-for (ONNX Runtime's
- * intra-op thread pool in ort_ops.c, a plain loop for tests). x86-64 gets AVX-512 paths, and AMX-BF16
- * tiles for bf16 products of more than 4 rows, chosen at run time; every machine has the portable C path.
+ * intra-op thread pool in ort_ops.c, a plain loop for tests). Code paths, chosen at run time: the
+ * portable C one everywhere; AVX-512 on x86-64; AVX512-VNNI byte products for decode-sized products
+ * (<= 4 rows) with quantized weights; AMX-BF16 tiles for larger products with bf16 or quantized
+ * weights.
  */
 #include "kernels.h"
 
@@ -54,13 +57,6 @@ static inline float f16_to_f32(uint16_t h) {
   return f;
 }
 
-static void widen_generic(const uint16_t* src, float* dst, int64_t n, int dtype) {
-  if (dtype == MOEPORT_BF16)
-    for (int64_t i = 0; i < n; i++) dst[i] = bf16_to_f32(src[i]);
-  else
-    for (int64_t i = 0; i < n; i++) dst[i] = f16_to_f32(src[i]);
-}
-
 /* A per-thread buffer of at least `bytes`, grown on demand and kept (slot: one buffer per use). */
 static void* thread_scratch(int slot, size_t bytes) {
   static __thread void* buf[2];
@@ -74,16 +70,49 @@ static void* thread_scratch(int slot, size_t bytes) {
 }
 enum { SCRATCH_ROWS = 0, SCRATCH_TILES = 1 };
 
+/* ---- weight rows -------------------------------------------------------------------------- */
+
+static inline int quantized(int dtype) { return dtype == MOEPORT_Q4 || dtype == MOEPORT_Q8; }
+
+static inline int64_t row_bytes(const MoeportWeights* w) {
+  return w->dtype == MOEPORT_Q4 ? w->k / 2 : w->dtype == MOEPORT_Q8 ? w->k : 2 * w->k;
+}
+
+/* The same weights from row r on. */
+static inline MoeportWeights rows_from(const MoeportWeights* w, int64_t r) {
+  MoeportWeights out = *w;
+  out.data += r * row_bytes(w);
+  if (quantized(w->dtype)) out.scales += r * (w->k / w->block);
+  return out;
+}
+
+/* Row n of w as float32. */
+static void widen_generic(const MoeportWeights* w, int64_t n, float* dst) {
+  const uint8_t* row = w->data + n * row_bytes(w);
+  int64_t k = w->k;
+  if (quantized(w->dtype)) {
+    const float* sc = w->scales + n * (k / w->block);
+    for (int64_t i = 0; i < k; i++) {
+      int code = w->dtype == MOEPORT_Q8 ? row[i] - 128 : ((row[i / 2] >> (4 * (i & 1))) & 15) - 8;
+      dst[i] = (float)code * sc[i / w->block];
+    }
+  } else if (w->dtype == MOEPORT_BF16) {
+    for (int64_t i = 0; i < k; i++) dst[i] = bf16_to_f32(((const uint16_t*)row)[i]);
+  } else {
+    for (int64_t i = 0; i < k; i++) dst[i] = f16_to_f32(((const uint16_t*)row)[i]);
+  }
+}
+
 /* ---- portable GEMM: y[m, n] = sum_k x[m, k] w[n, k] for n in [0, rows) ------------------------ */
 
-static void gemm_generic(const float* x, int64_t m_rows, int64_t ldx, const uint16_t* w, int64_t rows, int64_t k,
-                         float* y, int64_t ldy, int dtype, float* scratch) {
+static void gemm_generic(const float* x, int64_t m_rows, int64_t ldx, const MoeportWeights* w, int64_t rows, float* y,
+                         int64_t ldy, float* scratch) {
   for (int64_t n = 0; n < rows; n++) {
-    widen_generic(w + n * k, scratch, k, dtype);
+    widen_generic(w, n, scratch);
     for (int64_t m = 0; m < m_rows; m++) {
       const float* xr = x + m * ldx;
       float acc = 0.f;
-      for (int64_t i = 0; i < k; i++) acc += xr[i] * scratch[i];
+      for (int64_t i = 0; i < w->k; i++) acc += xr[i] * scratch[i];
       y[m * ldy + n] = acc;
     }
   }
@@ -94,35 +123,74 @@ static void gemm_generic(const float* x, int64_t m_rows, int64_t ldx, const uint
 #define AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,f16c,fma")))
 #define INLINE static inline __attribute__((always_inline))
 
-AVX512 INLINE __m512 load_w16(const uint16_t* p, int dtype, __mmask16 mask) {
-  __m256i h = _mm256_maskz_loadu_epi16(mask, p);
+/* 16 weights of a row from element i (masked for half types; quantized k is a multiple of 16), as float
+ * (quantized: the codes less their zero point, to be multiplied by the block's scale). */
+AVX512 INLINE __m512 load_w16(const uint8_t* row, int64_t i, int dtype, __mmask16 mask) {
+  if (dtype == MOEPORT_Q8) {
+    __m512i c = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)(row + i)));
+    return _mm512_cvtepi32_ps(_mm512_sub_epi32(c, _mm512_set1_epi32(128)));
+  }
+  if (dtype == MOEPORT_Q4) { /* 8 bytes: each byte twice, then its low nibble in even lanes, high in odd */
+    __m128i b = _mm_loadl_epi64((const __m128i*)(row + i / 2));
+    __m512i c = _mm512_cvtepu8_epi32(_mm_unpacklo_epi8(b, b));
+    c = _mm512_srlv_epi32(c, _mm512_set_epi32(4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0));
+    c = _mm512_and_si512(c, _mm512_set1_epi32(15));
+    return _mm512_cvtepi32_ps(_mm512_sub_epi32(c, _mm512_set1_epi32(8)));
+  }
+  __m256i h = _mm256_maskz_loadu_epi16(mask, (const uint16_t*)row + i);
   if (dtype == MOEPORT_BF16) return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
   return _mm512_cvtph_ps(h);
 }
 
-/* MR rows of x against 4 rows of W, all of K. The rows are either the stored half-precision ones
- * (wtype = their dtype; widened in registers as they stream, row stride k) or 4 already widened float
- * rows (wtype 0; the scratch of widen_rows, zero-padded to row stride ldw). */
-AVX512 INLINE void tile(const float* x, int64_t ldx, const void* w, int64_t ldw, int64_t k, float* y, int64_t ldy,
-                        int mr, int nr, int wtype, int prefetch) {
+/* 16 weights [i, i + 16) of a row as float32; quantized: sc = the row's scales, 2^sh values per scale. */
+AVX512 INLINE __m512 weight16(const uint8_t* row, const float* sc, int sh, int64_t i, int dtype, __mmask16 mask) {
+  __m512 v = load_w16(row, i, dtype, mask);
+  if (dtype == MOEPORT_Q4 || dtype == MOEPORT_Q8) v = _mm512_mul_ps(v, _mm512_set1_ps(sc[i >> sh]));
+  return v;
+}
+
+static inline const float* row_scales(const MoeportWeights* w, int64_t n) {
+  return quantized(w->dtype) ? w->scales + n * (w->k / w->block) : NULL;
+}
+
+static inline int block_shift(const MoeportWeights* w) {
+  return quantized(w->dtype) ? __builtin_ctzll((unsigned long long)w->block) : 0;
+}
+
+/* MR rows of x against 4 rows of W, all of K. The rows are either the stored ones (w, dtype: widened
+ * and scaled in registers as they stream) or 4 already widened float rows (w NULL: wf, the scratch of
+ * widen_rows, zero-padded to row stride ldw). */
+AVX512 INLINE void tile(const float* x, int64_t ldx, const MoeportWeights* w, const float* wf, int64_t ldw, int64_t k,
+                        float* y, int64_t ldy, int mr, int nr, int dtype, int prefetch) {
   __m512 acc[4][4];
+  /* stored bytes per 16 weights: prefetch a line per row every 64 bytes of its stream, 2 KB ahead */
+  const int64_t every = dtype == MOEPORT_Q4 ? 127 : dtype == MOEPORT_Q8 ? 63 : 31;
 #pragma GCC unroll 4
   for (int m = 0; m < 4; m++)
 #pragma GCC unroll 4
     for (int n = 0; n < 4; n++) acc[m][n] = _mm512_setzero_ps();
+  const uint8_t* rows[4] = {NULL, NULL, NULL, NULL};
+  const float* sc[4] = {NULL, NULL, NULL, NULL};
+  int sh = w ? block_shift(w) : 0;
+  if (w)
+    for (int n = 0; n < nr; n++) {
+      rows[n] = w->data + n * row_bytes(w);
+      sc[n] = row_scales(w, n);
+    }
   for (int64_t i = 0; i < k; i += 16) {
     __mmask16 mask = (k - i >= 16) ? (__mmask16)0xffff : (__mmask16)((1u << (k - i)) - 1);
     __m512 wv[4];
-    if (wtype) {
-      const uint16_t* wh = (const uint16_t*)w;
-      if (prefetch && !(i & 31)) /* 2 KB ahead in each row's stream, a line per row every 32 k */
+    if (w) {
+      if (prefetch && !(i & every)) {
+        int64_t ahead = dtype == MOEPORT_Q4 ? i / 2 : dtype == MOEPORT_Q8 ? i : 2 * i;
 #pragma GCC unroll 4
-        for (int n = 0; n < 4; n++) _mm_prefetch((const char*)(wh + n * ldw + i + 1024), _MM_HINT_T0);
+        for (int n = 0; n < 4; n++) _mm_prefetch((const char*)(rows[n] + ahead + 2048), _MM_HINT_T0);
+      }
 #pragma GCC unroll 4
-      for (int n = 0; n < 4; n++) wv[n] = n < nr ? load_w16(wh + n * ldw + i, wtype, mask) : _mm512_setzero_ps();
+      for (int n = 0; n < 4; n++) wv[n] = n < nr ? weight16(rows[n], sc[n], sh, i, dtype, mask) : _mm512_setzero_ps();
     } else {
 #pragma GCC unroll 4
-      for (int n = 0; n < 4; n++) wv[n] = _mm512_load_ps((const float*)w + n * ldw + i);
+      for (int n = 0; n < 4; n++) wv[n] = _mm512_load_ps(wf + n * ldw + i);
     }
 #pragma GCC unroll 4
     for (int m = 0; m < 4; m++) {
@@ -140,61 +208,67 @@ AVX512 INLINE void tile(const float* x, int64_t ldx, const void* w, int64_t ldw,
       if (m < mr && n < nr) y[m * ldy + n] = _mm512_reduce_add_ps(acc[m][n]);
 }
 
-AVX512 INLINE void widen_rows(const uint16_t* w, int64_t nr, int64_t k, float* dst, int64_t kp, int dtype) {
+AVX512 INLINE void widen_rows(const MoeportWeights* w, int64_t nr, float* dst, int64_t kp, int dtype) {
+  int sh = block_shift(w);
   for (int64_t n = 0; n < 4; n++) {
+    const uint8_t* row = w->data + (n < nr ? n : 0) * row_bytes(w);
+    const float* sc = row_scales(w, n < nr ? n : 0);
     for (int64_t i = 0; i < kp; i += 16) {
       __mmask16 mask = 0;
-      if (n < nr && i < k) mask = (k - i >= 16) ? (__mmask16)0xffff : (__mmask16)((1u << (k - i)) - 1);
-      _mm512_store_ps(dst + n * kp + i, load_w16(w + n * k + i, dtype, mask));
+      if (n < nr && i < w->k) mask = (w->k - i >= 16) ? (__mmask16)0xffff : (__mmask16)((1u << (w->k - i)) - 1);
+      _mm512_store_ps(dst + n * kp + i, mask ? weight16(row, sc, sh, i, dtype, mask) : _mm512_setzero_ps());
     }
   }
 }
 
-AVX512 INLINE void gemm_avx512_t(const float* x, int64_t m_rows, int64_t ldx, const uint16_t* w, int64_t rows,
-                                 int64_t k, float* y, int64_t ldy, int dtype, float* scratch) {
-  int64_t kp = (k + 15) & ~(int64_t)15;
+AVX512 INLINE void gemm_avx512_t(const float* x, int64_t m_rows, int64_t ldx, const MoeportWeights* w0, int64_t rows,
+                                 float* y, int64_t ldy, int dtype, float* scratch) {
+  int64_t k = w0->k, kp = (k + 15) & ~(int64_t)15;
   for (int64_t n = 0; n < rows; n += 4) {
     int nr = rows - n < 4 ? (int)(rows - n) : 4;
-    const uint16_t* wn = w + n * k;
+    MoeportWeights wn = rows_from(w0, n);
     if (m_rows <= 4) { /* decode-sized: stream the weights once, widening in registers */
       int more = rows - n >= 8; /* prefetching past the last rows would read past the weights */
       switch (m_rows) {
-        case 1: tile(x, ldx, wn, k, k, y + n, ldy, 1, nr, dtype, more); break;
-        case 2: tile(x, ldx, wn, k, k, y + n, ldy, 2, nr, dtype, more); break;
-        case 3: tile(x, ldx, wn, k, k, y + n, ldy, 3, nr, dtype, more); break;
-        default: tile(x, ldx, wn, k, k, y + n, ldy, 4, nr, dtype, more); break;
+        case 1: tile(x, ldx, &wn, NULL, 0, k, y + n, ldy, 1, nr, dtype, more); break;
+        case 2: tile(x, ldx, &wn, NULL, 0, k, y + n, ldy, 2, nr, dtype, more); break;
+        case 3: tile(x, ldx, &wn, NULL, 0, k, y + n, ldy, 3, nr, dtype, more); break;
+        default: tile(x, ldx, &wn, NULL, 0, k, y + n, ldy, 4, nr, dtype, more); break;
       }
       continue;
     }
     /* more rows: widen these 4 weight rows once, then reuse them for every 4 rows of x */
-    widen_rows(wn, nr, k, scratch, kp, dtype);
+    widen_rows(&wn, nr, scratch, kp, dtype);
     int64_t m = 0;
-    for (; m + 4 <= m_rows; m += 4) tile(x + m * ldx, ldx, scratch, kp, k, y + m * ldy + n, ldy, 4, nr, 0, 0);
+    for (; m + 4 <= m_rows; m += 4) tile(x + m * ldx, ldx, NULL, scratch, kp, k, y + m * ldy + n, ldy, 4, nr, 0, 0);
     switch (m_rows - m) {
-      case 1: tile(x + m * ldx, ldx, scratch, kp, k, y + m * ldy + n, ldy, 1, nr, 0, 0); break;
-      case 2: tile(x + m * ldx, ldx, scratch, kp, k, y + m * ldy + n, ldy, 2, nr, 0, 0); break;
-      case 3: tile(x + m * ldx, ldx, scratch, kp, k, y + m * ldy + n, ldy, 3, nr, 0, 0); break;
+      case 1: tile(x + m * ldx, ldx, NULL, scratch, kp, k, y + m * ldy + n, ldy, 1, nr, 0, 0); break;
+      case 2: tile(x + m * ldx, ldx, NULL, scratch, kp, k, y + m * ldy + n, ldy, 2, nr, 0, 0); break;
+      case 3: tile(x + m * ldx, ldx, NULL, scratch, kp, k, y + m * ldy + n, ldy, 3, nr, 0, 0); break;
       default: break;
     }
   }
 }
 
-AVX512 static void gemm_avx512_bf16(const float* x, int64_t m_rows, int64_t ldx, const uint16_t* w, int64_t rows,
-                                    int64_t k, float* y, int64_t ldy, float* scratch) {
-  gemm_avx512_t(x, m_rows, ldx, w, rows, k, y, ldy, MOEPORT_BF16, scratch);
-}
-
-AVX512 static void gemm_avx512_f16(const float* x, int64_t m_rows, int64_t ldx, const uint16_t* w, int64_t rows,
-                                   int64_t k, float* y, int64_t ldy, float* scratch) {
-  gemm_avx512_t(x, m_rows, ldx, w, rows, k, y, ldy, MOEPORT_FP16, scratch);
-}
+/* one instance per weight format, each with its loads inlined */
+#define GEMM_AVX512(NAME, DTYPE)                                                                           \
+  AVX512 static void NAME(const float* x, int64_t m_rows, int64_t ldx, const MoeportWeights* w, int64_t rows, \
+                          float* y, int64_t ldy, float* scratch) {                                           \
+    gemm_avx512_t(x, m_rows, ldx, w, rows, y, ldy, DTYPE, scratch);                                          \
+  }
+GEMM_AVX512(gemm_avx512_bf16, MOEPORT_BF16)
+GEMM_AVX512(gemm_avx512_f16, MOEPORT_FP16)
+GEMM_AVX512(gemm_avx512_q8, MOEPORT_Q8)
+GEMM_AVX512(gemm_avx512_q4, MOEPORT_Q4)
 
 /* ---- AMX-BF16 GEMM (Sapphire Rapids and later) -----------------------------------------------
- * Tiles compute y^T: A = 16 weight rows x 32 k (read in place from the [N, K] weights, bf16),
- * B = 32 k x 16 rows of x in the pair-interleaved layout AMX wants, packed once per call. x is split
- * into bf16 hi + lo parts (x = hi + lo to 2^-17) and both are multiplied, so the result keeps float32
- * accuracy: the weights are exact in bf16 and AMX accumulates in float32. */
-#define AMX __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,amx-tile,amx-bf16")))
+ * Tiles compute y^T: A = 16 weight rows x 32 k (bf16, copied into tile order), B = 32 k x 16 rows of x
+ * in the pair-interleaved layout AMX wants, packed once per call. x is split into bf16 hi + lo parts
+ * (x = hi + lo to 2^-17) and both are multiplied, so with bf16 weights the result keeps float32
+ * accuracy: the weights are exact in bf16 and AMX accumulates in float32. Quantized weights are
+ * dequantized into the same tile order, rounded to bf16 (relative error <= 2^-9 per weight, below the
+ * quantization step of int8 and int4 codes). */
+#define AMX __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,amx-tile,amx-bf16,f16c,fma")))
 
 typedef struct {
   uint8_t palette, start_row;
@@ -207,7 +281,7 @@ AMX static void amx_configure(void) {
   TileConfig cfg;
   memset(&cfg, 0, sizeof cfg);
   cfg.palette = 1;
-  for (int t = 0; t < 6; t++) { /* every tile: 16 rows of 64 bytes */
+  for (int t = 0; t < 8; t++) { /* every tile: 16 rows of 64 bytes */
     cfg.colsb[t] = 64;
     cfg.rows[t] = 16;
   }
@@ -244,43 +318,84 @@ AMX static void amx_pack(const float* x, int64_t m_rows, int64_t ldx, int64_t k,
   }
 }
 
-/* 32 weight rows [32, K] -> K/32 pairs of 1 KB A tiles, contiguous. Loaded in place, the rows' 2K-byte
- * stride maps a tile's 16 lines to two L1 sets, and the loads stall on conflict misses. */
-AMX static void amx_copy_rows(const uint16_t* w, int64_t k, uint16_t* dst) {
-  int64_t kb_count = k / 32;
+/* 32 weight rows [32, K] -> K/32 pairs of 1 KB A tiles, contiguous (bf16 copied, quantized dequantized).
+ * Loaded in place, bf16 rows' 2K-byte stride maps a tile's 16 lines to two L1 sets, and the loads
+ * stall on conflict misses. */
+AMX INLINE void amx_rows_t(const MoeportWeights* w, uint16_t* dst, int dtype) {
+  int64_t kb_count = w->k / 32;
+  int sh = block_shift(w);
   for (int64_t r = 0; r < 32; r++) {
-    const uint16_t* src = w + r * k;
     uint16_t* out = dst + (r / 16) * 512 + (r % 16) * 32;
-    for (int64_t kb = 0; kb < kb_count; kb++)
-      _mm512_store_si512((__m512i*)(out + kb * 1024), _mm512_loadu_si512(src + kb * 32));
+    const uint8_t* row = w->data + r * row_bytes(w);
+    if (dtype == MOEPORT_BF16) {
+      for (int64_t kb = 0; kb < kb_count; kb++)
+        _mm512_store_si512((__m512i*)(out + kb * 1024), _mm512_loadu_si512((const uint16_t*)row + kb * 32));
+    } else {
+      const float* sc = row_scales(w, r);
+      for (int64_t kb = 0; kb < kb_count; kb++) { /* hi tiles, then lo tiles: w = hi + lo to 2^-16 */
+        __m512 a = weight16(row, sc, sh, kb * 32, dtype, 0xffff), b = weight16(row, sc, sh, kb * 32 + 16, dtype, 0xffff);
+        __m512i h = (__m512i)_mm512_cvtne2ps_pbh(b, a);
+        __m512 ha = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm512_castsi512_si256(h)), 16));
+        __m512 hb = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm512_extracti64x4_epi64(h, 1)), 16));
+        _mm512_store_si512((__m512i*)(out + kb * 2048), h);
+        _mm512_store_si512((__m512i*)(out + kb * 2048 + 1024),
+                           (__m512i)_mm512_cvtne2ps_pbh(_mm512_sub_ps(b, hb), _mm512_sub_ps(a, ha)));
+      }
+    }
   }
 }
 
+AMX static void amx_rows(const MoeportWeights* w, uint16_t* dst) {
+  switch (w->dtype) {
+    case MOEPORT_Q4: amx_rows_t(w, dst, MOEPORT_Q4); break;
+    case MOEPORT_Q8: amx_rows_t(w, dst, MOEPORT_Q8); break;
+    default: amx_rows_t(w, dst, MOEPORT_BF16); break;
+  }
+}
 
-/* y[m, n] for n in [0, rows32), rows32 a multiple of 32, from packed x (hi, lo) and bf16 w. */
-AMX static int amx_gemm(const uint16_t* hi, const uint16_t* lo, int64_t m_rows, const uint16_t* w, int64_t rows32,
-                        int64_t k, float* y, int64_t ldy) {
-  int64_t kb_count = k / 32;
+/* y[m, n] for n in [0, rows32), rows32 a multiple of 32, from packed x (hi, lo) and the weights. */
+AMX static int amx_gemm(const uint16_t* hi, const uint16_t* lo, int64_t m_rows, const MoeportWeights* w0,
+                        int64_t rows32, float* y, int64_t ldy) {
+  int64_t k = w0->k, kb_count = k / 32;
   float c[2][256] __attribute__((aligned(64)));
-  uint16_t* wt = (uint16_t*)thread_scratch(SCRATCH_TILES, (size_t)(32 * k) * sizeof(uint16_t));
+  int split = quantized(w0->dtype); /* dequantized weights as bf16 hi + lo tiles */
+  uint16_t* wt = (uint16_t*)thread_scratch(SCRATCH_TILES, (size_t)((split ? 64 : 32) * k) * sizeof(uint16_t));
   if (!wt) return -1;
   amx_configure();
   for (int64_t n = 0; n < rows32; n += 32) {
-    amx_copy_rows(w + n * k, k, wt);
+    MoeportWeights wn = rows_from(w0, n);
+    amx_rows(&wn, wt);
     for (int64_t mb = 0; mb * 16 < m_rows; mb++) {
       const uint16_t* ph = hi + mb * kb_count * 512;
       const uint16_t* pl = lo + mb * kb_count * 512;
       _tile_zero(0);
       _tile_zero(1);
-      for (int64_t kb = 0; kb < kb_count; kb++) {
-        _tile_loadd(2, wt + kb * 1024, 64);
-        _tile_loadd(3, wt + kb * 1024 + 512, 64);
-        _tile_loadd(4, ph + kb * 512, 64);
-        _tile_loadd(5, pl + kb * 512, 64);
-        _tile_dpbf16ps(0, 2, 4);
-        _tile_dpbf16ps(0, 2, 5);
-        _tile_dpbf16ps(1, 3, 4);
-        _tile_dpbf16ps(1, 3, 5);
+      if (split) {
+        for (int64_t kb = 0; kb < kb_count; kb++) { /* w.x = hi.hi + hi.lo + lo.hi (lo.lo is below 2^-32) */
+          _tile_loadd(2, wt + kb * 2048, 64);
+          _tile_loadd(3, wt + kb * 2048 + 512, 64);
+          _tile_loadd(4, ph + kb * 512, 64);
+          _tile_loadd(5, pl + kb * 512, 64);
+          _tile_loadd(6, wt + kb * 2048 + 1024, 64);
+          _tile_loadd(7, wt + kb * 2048 + 1536, 64);
+          _tile_dpbf16ps(0, 2, 4);
+          _tile_dpbf16ps(0, 2, 5);
+          _tile_dpbf16ps(0, 6, 4);
+          _tile_dpbf16ps(1, 3, 4);
+          _tile_dpbf16ps(1, 3, 5);
+          _tile_dpbf16ps(1, 7, 4);
+        }
+      } else {
+        for (int64_t kb = 0; kb < kb_count; kb++) {
+          _tile_loadd(2, wt + kb * 1024, 64);
+          _tile_loadd(3, wt + kb * 1024 + 512, 64);
+          _tile_loadd(4, ph + kb * 512, 64);
+          _tile_loadd(5, pl + kb * 512, 64);
+          _tile_dpbf16ps(0, 2, 4);
+          _tile_dpbf16ps(0, 2, 5);
+          _tile_dpbf16ps(1, 3, 4);
+          _tile_dpbf16ps(1, 3, 5);
+        }
       }
       _tile_stored(0, c[0], 64);
       _tile_stored(1, c[1], 64);
@@ -299,9 +414,175 @@ AMX static int amx_gemm(const uint16_t* hi, const uint16_t* lo, int64_t m_rows, 
 }
 #endif /* MOEPORT_X86 */
 
+
+/* ---- AVX512-VNNI decode GEMV for quantized weights --------------------------------------------
+ * Decode-sized products (<= 4 rows of x) with int8/int4 weights multiply the stored codes as bytes:
+ * VPDPBUSD sums 4 code x activation byte products into each int32 lane, 64 codes per instruction,
+ * where widening every code to float32 would make the kernel compute-bound below memory speed. Each
+ * row of x is packed once per call into two signed bytes per value: per block of the weights, x =
+ * sx * (256 * hi + lo) with |256 * hi + lo| <= 32383, so x keeps 15 bits against the block's largest
+ * value (the weights stay exact). The zero point is subtracted with the block sums of x.
+ *
+ * Packed row (bytes, Kp = k rounded up to 64): lane scales [Kp / 64][16] float (sx of the block each
+ * int32 lane belongs to), zero-point terms [nb rounded up to 16] float (zero * sx * sum of the block's
+ * values), hi digits [Kp], lo digits [Kp]. With 4-bit codes each 64-value chunk is stored in the
+ * order the codes unpack to: the even values (low nibbles) first, then the odd ones. */
+#define VNNI_MAX 32383
+
+static inline int64_t round64(int64_t v) { return (v + 63) & ~(int64_t)63; }
+static inline int64_t vnni_nbp(int64_t k, int64_t block) { return ((k / block + 15) / 16) * 16; }
+static inline size_t vnni_row_bytes(int64_t k, int64_t block) {
+  return (size_t)(3 * round64(k) + 4 * vnni_nbp(k, block));
+}
+
+/* Where value e of a 64-value chunk goes (4-bit codes unpack as the even values, then the odd ones). */
+static inline int64_t vnni_pos(int64_t e, int dtype) { return dtype == MOEPORT_Q4 ? (e & 1) * 32 + e / 2 : e; }
+
+/* The first value (within its chunk) that int32 lane j of a chunk sums. */
+static inline int64_t vnni_lane_first(int j, int dtype) { return dtype == MOEPORT_Q4 ? 8 * (j % 8) + j / 8 : 4 * j; }
+
+static void vnni_pack(const float* x, int64_t m_rows, int64_t ldx, const MoeportWeights* w, uint8_t* dst) {
+  int64_t k = w->k, bs = w->block, kp = round64(k), nb = k / bs;
+  int zero = w->dtype == MOEPORT_Q4 ? 8 : 128;
+  for (int64_t m = 0; m < m_rows; m++) {
+    uint8_t* row = dst + m * vnni_row_bytes(k, bs);
+    float* lanes = (float*)row;
+    float* zq = (float*)(row + kp);
+    int8_t* hi = (int8_t*)(row + kp + 4 * vnni_nbp(k, bs));
+    int8_t* lo = hi + kp;
+    memset(row, 0, vnni_row_bytes(k, bs));
+    const float* xr = x + m * ldx;
+    for (int64_t b = 0; b < nb; b++) {
+      float amax = 0.f;
+      for (int64_t i = b * bs; i < (b + 1) * bs; i++) amax = fmaxf(amax, fabsf(xr[i]));
+      float sx = amax / VNNI_MAX, inv = amax > 0.f ? VNNI_MAX / amax : 0.f;
+      int64_t sum = 0;
+      for (int64_t i = b * bs; i < (b + 1) * bs; i++) {
+        long q = lrintf(xr[i] * inv);
+        q = q > VNNI_MAX ? VNNI_MAX : q < -VNNI_MAX ? -VNNI_MAX : q;
+        long h = (q + 128) >> 8; /* floor: lo in [-128, 127] */
+        int64_t pos = (i / 64) * 64 + vnni_pos(i % 64, w->dtype);
+        hi[pos] = (int8_t)h;
+        lo[pos] = (int8_t)(q - 256 * h);
+        sum += q;
+      }
+      zq[b] = (float)zero * sx * (float)sum;
+      for (int64_t c = (b * bs) / 64; c <= ((b + 1) * bs - 1) / 64; c++) /* the lanes summing this block */
+        for (int j = 0; j < 16; j++) {
+          int64_t first = c * 64 + vnni_lane_first(j, w->dtype);
+          if (first >= b * bs && first < (b + 1) * bs) lanes[c * 16 + j] = sx;
+        }
+    }
+  }
+}
+
+#ifdef MOEPORT_X86
+#define VNNI __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,fma")))
+
+/* MR packed rows of x against 4 weight rows. */
+VNNI INLINE void vnni_tile(const uint8_t* px, int64_t ldp, const MoeportWeights* w, float* y, int64_t ldy, int mr,
+                           int nr, int dtype, int prefetch) {
+  int64_t k = w->k, bs = w->block, kp = round64(k), nb = k / bs, per_chunk = bs >= 64 ? 1 : 64 / bs;
+  int sh = block_shift(w);
+  const uint8_t* rows[4];
+  const float* sc[4];
+  for (int n = 0; n < 4; n++) {
+    int r = n < nr ? n : 0;
+    rows[n] = w->data + r * row_bytes(w);
+    sc[n] = w->scales + r * nb;
+  }
+  /* lane j of a chunk -> which of the chunk's blocks */
+  int lane_block[16];
+  for (int j = 0; j < 16; j++) lane_block[j] = bs >= 64 ? 0 : (int)(vnni_lane_first(j, dtype) / bs);
+  const __m512i lb = _mm512_loadu_si512(lane_block);
+  const __m512 f256 = _mm512_set1_ps(256.f);
+  const __m512i low4 = _mm512_set1_epi8(15);
+  __m512 acc[4][4];
+#pragma GCC unroll 4
+  for (int m = 0; m < 4; m++)
+#pragma GCC unroll 4
+    for (int n = 0; n < 4; n++) acc[m][n] = _mm512_setzero_ps();
+  int64_t offh = kp + 4 * vnni_nbp(k, bs);
+  for (int64_t i = 0; i < kp; i += 64) {
+    __m512i cv[4];
+    __m512 sv[4];
+    int64_t left = k - i; /* values of this chunk that exist (k is a multiple of 16) */
+    __mmask16 bmask = (__mmask16)((1u << (left >= 64 ? per_chunk : (left + bs - 1) / bs)) - 1);
+#pragma GCC unroll 4
+    for (int n = 0; n < 4; n++) {
+      if (dtype == MOEPORT_Q8) {
+        __mmask64 mask = left >= 64 ? ~(__mmask64)0 : (((__mmask64)1 << left) - 1);
+        if (prefetch) _mm_prefetch((const char*)(rows[n] + i + 2048), _MM_HINT_T0);
+        cv[n] = _mm512_maskz_loadu_epi8(mask, rows[n] + i);
+      } else {
+        __mmask64 mask = ((__mmask64)1 << (left >= 64 ? 32 : left / 2)) - 1; /* this chunk's bytes only */
+        if (prefetch && !(i & 127)) _mm_prefetch((const char*)(rows[n] + i / 2 + 2048), _MM_HINT_T0);
+        __m512i b = _mm512_maskz_loadu_epi8(mask, rows[n] + i / 2); /* 32 bytes used */
+        __m512i both = _mm512_inserti64x4(b, _mm256_srli_epi16(_mm512_castsi512_si256(b), 4), 1);
+        cv[n] = _mm512_and_si512(both, low4);
+      }
+      sv[n] = _mm512_permutexvar_ps(lb, _mm512_maskz_loadu_ps(bmask, sc[n] + (i >> sh)));
+    }
+#pragma GCC unroll 4
+    for (int m = 0; m < 4; m++) {
+      if (m < mr) {
+        const uint8_t* row = px + m * ldp;
+        __m512i xh = _mm512_load_si512(row + offh + i), xl = _mm512_load_si512(row + offh + kp + i);
+        __m512 ls = _mm512_load_ps((const float*)row + i / 4);
+#pragma GCC unroll 4
+        for (int n = 0; n < 4; n++) {
+          __m512i h = _mm512_dpbusd_epi32(_mm512_setzero_si512(), cv[n], xh);
+          __m512i l = _mm512_dpbusd_epi32(_mm512_setzero_si512(), cv[n], xl);
+          __m512 t = _mm512_fmadd_ps(_mm512_cvtepi32_ps(h), f256, _mm512_cvtepi32_ps(l));
+          acc[m][n] = _mm512_fmadd_ps(_mm512_mul_ps(t, ls), sv[n], acc[m][n]);
+        }
+      }
+    }
+  }
+#pragma GCC unroll 4
+  for (int m = 0; m < 4; m++) {
+    if (m >= mr) continue;
+    const float* zq = (const float*)(px + m * ldp + kp);
+#pragma GCC unroll 4
+    for (int n = 0; n < 4; n++) {
+      if (n >= nr) continue;
+      __m512 corr = _mm512_setzero_ps();
+      for (int64_t b = 0; b < nb; b += 16) {
+        __mmask16 mask = nb - b >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (nb - b)) - 1);
+        corr = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(mask, sc[n] + b), _mm512_load_ps(zq + b), corr);
+      }
+      y[m * ldy + n] = _mm512_reduce_add_ps(_mm512_sub_ps(acc[m][n], corr));
+    }
+  }
+}
+
+VNNI INLINE void gemm_vnni_t(const uint8_t* px, int64_t m_rows, const MoeportWeights* w0, int64_t rows, float* y,
+                             int64_t ldy, int dtype) {
+  int64_t ldp = (int64_t)vnni_row_bytes(w0->k, w0->block);
+  for (int64_t n = 0; n < rows; n += 4) {
+    int nr = rows - n < 4 ? (int)(rows - n) : 4, more = rows - n >= 8;
+    MoeportWeights wn = rows_from(w0, n);
+    switch (m_rows) {
+      case 1: vnni_tile(px, ldp, &wn, y + n, ldy, 1, nr, dtype, more); break;
+      case 2: vnni_tile(px, ldp, &wn, y + n, ldy, 2, nr, dtype, more); break;
+      case 3: vnni_tile(px, ldp, &wn, y + n, ldy, 3, nr, dtype, more); break;
+      default: vnni_tile(px, ldp, &wn, y + n, ldy, 4, nr, dtype, more); break;
+    }
+  }
+}
+
+VNNI static void gemm_vnni(const uint8_t* px, int64_t m_rows, const MoeportWeights* w, int64_t rows, float* y,
+                           int64_t ldy) {
+  if (w->dtype == MOEPORT_Q8)
+    gemm_vnni_t(px, m_rows, w, rows, y, ldy, MOEPORT_Q8);
+  else
+    gemm_vnni_t(px, m_rows, w, rows, y, ldy, MOEPORT_Q4);
+}
+#endif /* MOEPORT_X86 */
+
 /* ---- dispatch ------------------------------------------------------------------------------- */
 
-enum { ISA_GENERIC = 0, ISA_AVX512 = 1, ISA_AMX = 2 };
+enum { ISA_GENERIC = 0, ISA_AVX512 = 1, ISA_VNNI = 2, ISA_AMX = 3 };
 
 #ifdef MOEPORT_X86
 #include <cpuid.h>
@@ -321,7 +602,8 @@ static int amx_usable(void) {
 }
 #endif
 
-/* The best code path of this CPU; MOEPORT_KERNELS_ISA=generic|avx512 caps it (for tests and comparisons). */
+/* The best code path of this CPU; MOEPORT_KERNELS_ISA=generic|avx512|vnni caps it (for tests and
+ * comparisons). Each level includes the ones below it. */
 static int isa(void) {
   static int cached = -1;
   if (cached >= 0) return cached;
@@ -331,67 +613,99 @@ static int isa(void) {
   int cap = !env || !*env                  ? ISA_AMX
             : strcmp(env, "generic") == 0 ? ISA_GENERIC
             : strcmp(env, "avx512") == 0  ? ISA_AVX512
+            : strcmp(env, "vnni") == 0    ? ISA_VNNI
                                           : ISA_AMX;
   __builtin_cpu_init();
   if (cap >= ISA_AVX512 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
       __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq"))
     level = ISA_AVX512;
-  if (level == ISA_AVX512 && cap >= ISA_AMX && amx_usable()) level = ISA_AMX;
+  if (level == ISA_AVX512 && cap >= ISA_VNNI && __builtin_cpu_supports("avx512vnni")) level = ISA_VNNI;
+  if (level == ISA_VNNI && cap >= ISA_AMX && amx_usable()) level = ISA_AMX;
 #endif
   cached = level;
   return level;
 }
 
 const char* moeport_kernels_isa(void) {
-  static const char* names[] = {"generic", "avx512", "avx512+amx-bf16"};
+  static const char* names[] = {"generic", "avx512", "avx512+vnni", "avx512+vnni+amx-bf16"};
   return names[isa()];
 }
 
-/* Whether a product of m rows of x with bf16 weights over k goes to the AMX tiles (x packed first). */
-static int use_amx(int64_t m, int64_t k, int dtype) {
-  return m > 4 && k % 32 == 0 && dtype == MOEPORT_BF16 && isa() == ISA_AMX;
+/* How x is packed before a product of m rows with these weights, if at all: for the AMX tiles (more
+ * than 4 rows, bf16 or quantized weights; fp16 would need AMX-FP16), or as bytes for VNNI (decode rows,
+ * quantized weights). */
+enum { PACK_NONE = 0, PACK_AMX = 1, PACK_VNNI = 2 };
+
+static int pack_kind(int64_t m, const MoeportWeights* w) {
+  if (m > 4 && w->k % 32 == 0 && w->dtype != MOEPORT_FP16 && isa() == ISA_AMX) return PACK_AMX;
+  if (m <= 4 && quantized(w->dtype) && isa() >= ISA_VNNI) return PACK_VNNI;
+  return PACK_NONE;
 }
 
-static size_t packed_elems(int64_t m, int64_t k) { return (size_t)((m + 15) / 16) * (size_t)(k / 32) * 512; }
+static size_t amx_elems(int64_t m, int64_t k) { return (size_t)((m + 15) / 16) * (size_t)(k / 32) * 512; }
 
+/* Bytes of x packed for a product of m rows with w (0: not packed). */
+static size_t packed_bytes(int64_t m, const MoeportWeights* w) {
+  switch (pack_kind(m, w)) {
+    case PACK_AMX: return 2 * amx_elems(m, w->k) * sizeof(uint16_t);
+    case PACK_VNNI: return (size_t)m * vnni_row_bytes(w->k, w->block);
+    default: return 0;
+  }
+}
 
-/* y[m, n] = sum_k x[m, k] w[n, k] for `rows` rows of w; hi/lo: x packed for AMX (or NULL). */
-static int gemm(const float* x, int64_t m_rows, int64_t ldx, const uint16_t* hi, const uint16_t* lo,
-                const uint16_t* w, int64_t rows, int64_t k, float* y, int64_t ldy, int dtype) {
+/* y[m, n] = sum_k x[m, k] w[n, k] for `rows` rows of w; packed: x as pack() made it (or NULL). */
+static int gemm(const float* x, int64_t m_rows, int64_t ldx, const uint8_t* packed, const MoeportWeights* w,
+                int64_t rows, float* y, int64_t ldy) {
+  int64_t k = w->k;
+  int kind = packed ? pack_kind(m_rows, w) : PACK_NONE;
+#ifdef MOEPORT_X86
+  if (kind == PACK_VNNI) {
+    gemm_vnni(packed, m_rows, w, rows, y, ldy);
+    return 0;
+  }
+#endif
   /* 4 widened weight rows, zero-padded to a multiple of 16 */
   float* scratch = (float*)thread_scratch(SCRATCH_ROWS, (size_t)(4 * (((k + 15) & ~(int64_t)15) + 16)) * 4);
   if (!scratch) return -1;
 #ifdef MOEPORT_X86
-  if (hi && rows >= 32) {
+  MoeportWeights rest;
+  if (kind == PACK_AMX && rows >= 32) {
+    const uint16_t* hi = (const uint16_t*)packed;
     int64_t rows32 = rows & ~(int64_t)31;
-    if (amx_gemm(hi, lo, m_rows, w, rows32, k, y, ldy)) return -1;
-    w += rows32 * k;
+    if (amx_gemm(hi, hi + amx_elems(m_rows, k), m_rows, w, rows32, y, ldy)) return -1;
+    rest = rows_from(w, rows32);
+    w = &rest;
     y += rows32;
     rows -= rows32;
     if (!rows) return 0;
   }
   if (isa() >= ISA_AVX512) {
-    if (dtype == MOEPORT_BF16)
-      gemm_avx512_bf16(x, m_rows, ldx, w, rows, k, y, ldy, scratch);
-    else
-      gemm_avx512_f16(x, m_rows, ldx, w, rows, k, y, ldy, scratch);
+    switch (w->dtype) {
+      case MOEPORT_BF16: gemm_avx512_bf16(x, m_rows, ldx, w, rows, y, ldy, scratch); break;
+      case MOEPORT_FP16: gemm_avx512_f16(x, m_rows, ldx, w, rows, y, ldy, scratch); break;
+      case MOEPORT_Q8: gemm_avx512_q8(x, m_rows, ldx, w, rows, y, ldy, scratch); break;
+      default: gemm_avx512_q4(x, m_rows, ldx, w, rows, y, ldy, scratch); break;
+    }
     return 0;
   }
 #endif
-  (void)hi;
-  (void)lo;
-  gemm_generic(x, m_rows, ldx, w, rows, k, y, ldy, dtype, scratch);
+  gemm_generic(x, m_rows, ldx, w, rows, y, ldy, scratch);
   return 0;
 }
 
-static int pack(const float* x, int64_t m, int64_t ldx, int64_t k, uint16_t* hi, uint16_t* lo) {
+/* x [m, k] packed for a product with w, into packed_bytes(m, w) bytes at dst (64-byte aligned). */
+static void pack(const float* x, int64_t m, int64_t ldx, const MoeportWeights* w, uint8_t* dst) {
+  switch (pack_kind(m, w)) {
 #ifdef MOEPORT_X86
-  amx_pack(x, m, ldx, k, hi, lo);
-  return 0;
-#else
-  (void)x, (void)m, (void)ldx, (void)k, (void)hi, (void)lo;
-  return -1;
+    case PACK_AMX: {
+      uint16_t* hi = (uint16_t*)dst;
+      amx_pack(x, m, ldx, w->k, hi, hi + amx_elems(m, w->k));
+      break;
+    }
 #endif
+    case PACK_VNNI: vnni_pack(x, m, ldx, w, dst); break;
+    default: break;
+  }
 }
 
 
@@ -452,17 +766,18 @@ static void buffer_put(Buffer b) {
 
 typedef struct {
   const float* x;
-  const uint16_t *w, *hi, *lo;
+  const MoeportWeights* w;
+  const uint8_t* packed;
   float* y;
-  int64_t m, n, k, block;
-  int dtype;
+  int64_t m, n, block;
   volatile int failed;
 } LinearJob;
 
 static void linear_item(void* data, size_t item) {
   LinearJob* j = (LinearJob*)data;
   int64_t n0 = (int64_t)item * j->block, rows = j->n - n0 < j->block ? j->n - n0 : j->block;
-  if (gemm(j->x, j->m, j->k, j->hi, j->lo, j->w + n0 * j->k, rows, j->k, j->y + n0, j->n, j->dtype)) j->failed = 1;
+  MoeportWeights w = rows_from(j->w, n0);
+  if (gemm(j->x, j->m, j->w->k, j->packed, &w, rows, j->y + n0, j->n)) j->failed = 1;
 }
 
 /* Output rows per work item: enough items to share out, each a multiple of `align` rows. */
@@ -473,21 +788,17 @@ static int64_t row_block(int64_t n, int64_t m, int64_t align) {
   return block < align ? align : block;
 }
 
-int moeport_linear(const float* x, int64_t m, int64_t k, const uint16_t* w, int64_t n, float* y, int dtype,
-                   moeport_parallel_for pfor, void* pctx) {
+int moeport_linear(const float* x, int64_t m, const MoeportWeights* w, int64_t n, float* y, moeport_parallel_for pfor,
+                   void* pctx) {
   if (m == 0 || n == 0) return 0;
-  int amx = use_amx(m, k, dtype);
-  LinearJob job = {x, w, NULL, NULL, y, m, n, k, row_block(n, m, amx ? 32 : 4), dtype, 0};
+  int kind = pack_kind(m, w);
+  LinearJob job = {x, w, NULL, y, m, n, row_block(n, m, kind == PACK_AMX ? 32 : 4), 0};
   Buffer packed = {NULL, 0};
-  if (amx) {
-    size_t elems = packed_elems(m, k);
-    packed = buffer_get(2 * elems * sizeof(uint16_t));
-    if (!packed.ptr || pack(x, m, k, k, (uint16_t*)packed.ptr, (uint16_t*)packed.ptr + elems)) {
-      buffer_put(packed);
-      return -1;
-    }
-    job.hi = (uint16_t*)packed.ptr;
-    job.lo = job.hi + elems;
+  if (kind != PACK_NONE) {
+    packed = buffer_get(packed_bytes(m, w));
+    if (!packed.ptr) return -1;
+    pack(x, m, w->k, w, (uint8_t*)packed.ptr);
+    job.packed = (const uint8_t*)packed.ptr;
   }
   pfor(pctx, linear_item, (size_t)((n + job.block - 1) / job.block), &job);
   buffer_put(packed);
@@ -497,7 +808,7 @@ int moeport_linear(const float* x, int64_t m, int64_t k, const uint16_t* w, int6
 /* ---- MoE ------------------------------------------------------------------------------------- */
 
 typedef struct {
-  const uint16_t *gate_up, *down;
+  const MoeportWeights *gate_up, *down;
   int64_t hidden, inter, experts;
   int dtype;
   /* routing, grouped by expert: slot s holds a row of token s's choices; expert e owns [start[e], start[e+1]) */
@@ -506,9 +817,8 @@ typedef struct {
   float* act;        /* [slots, inter]  silu(gate) * up */
   float* out;        /* [slots, hidden] each expert's output */
   int64_t *items_e, *items_r, *active; /* work items: (expert, first row); experts with tokens */
-  int64_t *off1, *off2;                /* per expert: offset of its packed rows (AMX), or -1 */
-  uint16_t *packed1, *packed2;         /* hi parts, then lo parts (sizes total1, total2) */
-  size_t total1, total2;
+  int64_t *off1, *off2;                /* per expert: byte offset of its packed rows, or -1 */
+  uint8_t *packed1, *packed2;          /* x packed for stage 1, activations for stage 2 */
   int64_t block1, block2;
   volatile int failed;
 } MoeJob;
@@ -516,23 +826,18 @@ typedef struct {
 static inline float silu(float v) { return v / (1.f + expf(-v)); }
 
 #define EXPERT_ROWS(j, e) ((j)->start[(e) + 1] - (j)->start[e])
-#define PACKED(j, n, e, lo) \
-  ((j)->off##n[e] < 0 ? NULL : (j)->packed##n + (lo ? (j)->total##n : 0) + (j)->off##n[e])
+#define PACKED(j, n, e) ((j)->off##n[e] < 0 ? NULL : (j)->packed##n + (j)->off##n[e])
 
-static void moe_pack1(void* data, size_t item) { /* x rows of one expert -> AMX layout */
+static void moe_pack1(void* data, size_t item) { /* x rows of one expert, packed for gate_up */
   MoeJob* j = (MoeJob*)data;
   int64_t e = j->active[item];
-  if (j->off1[e] >= 0 && pack(j->xg + j->start[e] * j->hidden, EXPERT_ROWS(j, e), j->hidden, j->hidden,
-                              PACKED(j, 1, e, 0), PACKED(j, 1, e, 1)))
-    j->failed = 1;
+  if (j->off1[e] >= 0) pack(j->xg + j->start[e] * j->hidden, EXPERT_ROWS(j, e), j->hidden, j->gate_up, PACKED(j, 1, e));
 }
 
-static void moe_pack2(void* data, size_t item) { /* activations of one expert -> AMX layout */
+static void moe_pack2(void* data, size_t item) { /* activations of one expert, packed for down */
   MoeJob* j = (MoeJob*)data;
   int64_t e = j->active[item];
-  if (j->off2[e] >= 0 && pack(j->act + j->start[e] * j->inter, EXPERT_ROWS(j, e), j->inter, j->inter,
-                              PACKED(j, 2, e, 0), PACKED(j, 2, e, 1)))
-    j->failed = 1;
+  if (j->off2[e] >= 0) pack(j->act + j->start[e] * j->inter, EXPERT_ROWS(j, e), j->inter, j->down, PACKED(j, 2, e));
 }
 
 static void moe_stage1(void* data, size_t item) { /* gate/up rows [r, r + block1) of one expert -> act */
@@ -544,9 +849,8 @@ static void moe_stage1(void* data, size_t item) { /* gate/up rows [r, r + block1
     j->failed = 1;
     return;
   }
-  const uint16_t* w = j->gate_up + (e * two_i + r) * j->hidden;
-  if (gemm(j->xg + s0 * j->hidden, count, j->hidden, PACKED(j, 1, e, 0), PACKED(j, 1, e, 1), w, rows, j->hidden, h,
-           rows, j->dtype))
+  MoeportWeights w = rows_from(j->gate_up, e * two_i + r);
+  if (gemm(j->xg + s0 * j->hidden, count, j->hidden, PACKED(j, 1, e), &w, rows, h, rows))
     j->failed = 1;
   for (int64_t s = 0; s < count; s++)
     for (int64_t i = 0; i < rows / 2; i++)
@@ -558,9 +862,9 @@ static void moe_stage2(void* data, size_t item) { /* down rows [r, r + block2) o
   MoeJob* j = (MoeJob*)data;
   int64_t e = j->items_e[item], r = j->items_r[item];
   int64_t rows = j->hidden - r < j->block2 ? j->hidden - r : j->block2, s0 = j->start[e];
-  const uint16_t* w = j->down + (e * j->hidden + r) * j->inter;
-  if (gemm(j->act + s0 * j->inter, EXPERT_ROWS(j, e), j->inter, PACKED(j, 2, e, 0), PACKED(j, 2, e, 1), w, rows,
-           j->inter, j->out + s0 * j->hidden + r, j->hidden, j->dtype))
+  MoeportWeights w = rows_from(j->down, e * j->hidden + r);
+  if (gemm(j->act + s0 * j->inter, EXPERT_ROWS(j, e), j->inter, PACKED(j, 2, e), &w, rows,
+           j->out + s0 * j->hidden + r, j->hidden))
     j->failed = 1;
 }
 
@@ -577,22 +881,21 @@ static size_t moe_items(MoeJob* j, int64_t rows, int64_t block) {
   return n;
 }
 
-/* Offsets of each expert's packed rows for a product over k; returns the total (0: nothing packed). */
-static size_t moe_pack_offsets(MoeJob* j, int64_t k, int64_t* off) {
+/* Byte offsets of each expert's packed rows for a product with w; returns the total (0: nothing packed). */
+static size_t moe_pack_offsets(MoeJob* j, const MoeportWeights* w, int64_t* off) {
   size_t total = 0;
   for (int64_t e = 0; e < j->experts; e++) {
-    off[e] = -1;
-    if (use_amx(EXPERT_ROWS(j, e), k, j->dtype)) {
-      off[e] = (int64_t)total;
-      total += packed_elems(EXPERT_ROWS(j, e), k);
-    }
+    size_t bytes = EXPERT_ROWS(j, e) ? packed_bytes(EXPERT_ROWS(j, e), w) : 0;
+    off[e] = bytes ? (int64_t)total : -1;
+    total += bytes;
   }
   return total;
 }
 
 int moeport_moe(const float* x, int64_t tokens, int64_t hidden, const int64_t* idx, const float* weights, int64_t k,
-                const uint16_t* gate_up, const uint16_t* down, int64_t experts, int64_t inter, float* y, int dtype,
+                const MoeportWeights* gate_up, const MoeportWeights* down, int64_t experts, int64_t inter, float* y,
                 moeport_parallel_for pfor, void* pctx, char* err, size_t err_len) {
+  int dtype = gate_up->dtype;
   int64_t slots = tokens * k;
   memset(y, 0, (size_t)(tokens * hidden) * sizeof(float));
   if (slots == 0) return 0;
@@ -611,7 +914,8 @@ int moeport_moe(const float* x, int64_t tokens, int64_t hidden, const int64_t* i
   j.inter = inter;
   j.experts = experts;
   j.dtype = dtype;
-  int64_t per_expert = slots / (experts < slots ? experts : slots), align = use_amx(per_expert, 32, dtype) ? 32 : 4;
+  int64_t per_expert = slots / (experts < slots ? experts : slots);
+  int64_t align = pack_kind(per_expert, gate_up) == PACK_AMX ? 32 : 4;
   j.block1 = row_block(2 * inter, per_expert, align); /* a multiple of 4: whole gate/up pairs */
   j.block2 = row_block(hidden, per_expert, align);
   int64_t max_items = experts * ((2 * inter + j.block1 - 1) / j.block1 + (hidden + j.block2 - 1) / j.block2);
@@ -646,20 +950,19 @@ int moeport_moe(const float* x, int64_t tokens, int64_t hidden, const int64_t* i
   size_t n_active = 0;
   for (int64_t e = 0; e < experts; e++)
     if (EXPERT_ROWS(&j, e)) j.active[n_active++] = e;
-  j.total1 = moe_pack_offsets(&j, hidden, j.off1);
-  j.total2 = moe_pack_offsets(&j, inter, j.off2);
-  if (j.total1 + j.total2) {
-    packed = buffer_get(2 * (j.total1 + j.total2) * sizeof(uint16_t));
-    j.packed1 = (uint16_t*)packed.ptr;
+  size_t total1 = moe_pack_offsets(&j, gate_up, j.off1), total2 = moe_pack_offsets(&j, down, j.off2);
+  if (total1 + total2) {
+    packed = buffer_get(total1 + total2);
+    j.packed1 = (uint8_t*)packed.ptr;
     if (!j.packed1) {
       snprintf(err, err_len, "out of memory for %lld routed rows", (long long)slots);
       goto done;
     }
-    j.packed2 = j.packed1 + 2 * j.total1;
-    pfor(pctx, moe_pack1, n_active, &j);
+    j.packed2 = j.packed1 + total1;
+    if (total1) pfor(pctx, moe_pack1, n_active, &j);
   }
   if (!j.failed) pfor(pctx, moe_stage1, moe_items(&j, 2 * inter, j.block1), &j);
-  if (!j.failed && j.total2) pfor(pctx, moe_pack2, n_active, &j);
+  if (!j.failed && total2) pfor(pctx, moe_pack2, n_active, &j);
   if (!j.failed) pfor(pctx, moe_stage2, moe_items(&j, hidden, j.block2), &j);
   if (j.failed) {
     snprintf(err, err_len, "out of memory in an expert kernel");
@@ -687,13 +990,17 @@ static void serial_for(void* ctx, void (*fn)(void*, size_t), size_t n, void* dat
 }
 
 /* Entry points for tests (ctypes): the same kernels, run on the calling thread. */
-int moeport_linear_serial(const float* x, int64_t m, int64_t k, const uint16_t* w, int64_t n, float* y, int dtype) {
-  return moeport_linear(x, m, k, w, n, y, dtype, serial_for, NULL);
+int moeport_linear_serial(const float* x, int64_t m, int64_t k, const void* w, const float* scales, int64_t block,
+                          int64_t n, float* y, int dtype) {
+  MoeportWeights wt = {dtype, (const uint8_t*)w, scales, k, block};
+  return moeport_linear(x, m, &wt, n, y, serial_for, NULL);
 }
 
 int moeport_moe_serial(const float* x, int64_t tokens, int64_t hidden, const int64_t* idx, const float* weights,
-                       int64_t k, const uint16_t* gate_up, const uint16_t* down, int64_t experts, int64_t inter,
-                       float* y, int dtype, char* err, size_t err_len) {
-  return moeport_moe(x, tokens, hidden, idx, weights, k, gate_up, down, experts, inter, y, dtype, serial_for, NULL,
-                     err, err_len);
+                       int64_t k, const void* gate_up, const float* gate_up_scales, const void* down,
+                       const float* down_scales, int64_t block, int64_t experts, int64_t inter, float* y, int dtype,
+                       char* err, size_t err_len) {
+  MoeportWeights gu = {dtype, (const uint8_t*)gate_up, gate_up_scales, hidden, block};
+  MoeportWeights dn = {dtype, (const uint8_t*)down, down_scales, inter, block};
+  return moeport_moe(x, tokens, hidden, idx, weights, k, &gu, &dn, experts, inter, y, serial_for, NULL, err, err_len);
 }

@@ -1,15 +1,27 @@
-/* moeport's CPU kernels for half-precision weights (see kernels.c). */
+/* moeport's CPU kernels for half-precision and block-quantized weights (see kernels.c). */
 #ifndef MOEPORT_KERNELS_H
 #define MOEPORT_KERNELS_H
 
 #include <stddef.h>
 #include <stdint.h>
 
-/* Weight dtypes, numbered as ONNX's TensorProto data types. */
+/* Weight formats. The half types are numbered as ONNX's TensorProto data types; the quantized ones are
+ * moeport's QLinear/QMoE codes (uint8, 4-bit codes two per byte, the even k in the low nibble) with one
+ * float32 scale per block of k: w = (code - 2^(bits-1)) * scale. */
+#define MOEPORT_Q4 4
+#define MOEPORT_Q8 8
 #define MOEPORT_FP16 10
 #define MOEPORT_BF16 16
 
 #define MOEPORT_API __attribute__((visibility("default")))
+
+/* Rows of weights in the checkpoint's [out, in] layout: row r of k values. */
+typedef struct {
+  int dtype;
+  const uint8_t* data;  /* row 0 */
+  const float* scales;  /* quantized: row 0's k / block scales */
+  int64_t k, block;     /* row length; values per scale (quantized) */
+} MoeportWeights;
 
 /* Runs fn(data, i) for every i in [0, n), possibly on several threads. */
 typedef void (*moeport_parallel_for)(void* ctx, void (*fn)(void*, size_t), size_t n, void* data);
@@ -17,21 +29,23 @@ typedef void (*moeport_parallel_for)(void* ctx, void (*fn)(void*, size_t), size_
 MOEPORT_API const char* moeport_kernels_isa(void);
 
 /* y [m, n] = x [m, k] . w [n, k]^T */
-int moeport_linear(const float* x, int64_t m, int64_t k, const uint16_t* w, int64_t n, float* y, int dtype,
-                   moeport_parallel_for pfor, void* pctx);
+int moeport_linear(const float* x, int64_t m, const MoeportWeights* w, int64_t n, float* y, moeport_parallel_for pfor,
+                   void* pctx);
 
 /* y [tokens, hidden] = sum_j weights[t, j] * down_e(silu(gate_e(x_t)) * up_e(x_t)), e = idx[t, j];
  * gate_up [experts, 2 * inter, hidden] with gate/up rows interleaved, down [experts, hidden, inter].
  * Returns 0, or -1 with a message in err. */
 int moeport_moe(const float* x, int64_t tokens, int64_t hidden, const int64_t* idx, const float* weights, int64_t k,
-                const uint16_t* gate_up, const uint16_t* down, int64_t experts, int64_t inter, float* y, int dtype,
+                const MoeportWeights* gate_up, const MoeportWeights* down, int64_t experts, int64_t inter, float* y,
                 moeport_parallel_for pfor, void* pctx, char* err, size_t err_len);
 
-/* The same kernels on the calling thread (for tests through ctypes). */
-MOEPORT_API int moeport_linear_serial(const float* x, int64_t m, int64_t k, const uint16_t* w, int64_t n, float* y,
-                                      int dtype);
+/* The same kernels on the calling thread (for tests through ctypes); scales/block only for quantized
+ * dtypes. */
+MOEPORT_API int moeport_linear_serial(const float* x, int64_t m, int64_t k, const void* w, const float* scales,
+                                      int64_t block, int64_t n, float* y, int dtype);
 MOEPORT_API int moeport_moe_serial(const float* x, int64_t tokens, int64_t hidden, const int64_t* idx,
-                                   const float* weights, int64_t k, const uint16_t* gate_up, const uint16_t* down,
-                                   int64_t experts, int64_t inter, float* y, int dtype, char* err, size_t err_len);
+                                   const float* weights, int64_t k, const void* gate_up, const float* gate_up_scales,
+                                   const void* down, const float* down_scales, int64_t block, int64_t experts,
+                                   int64_t inter, float* y, int dtype, char* err, size_t err_len);
 
 #endif

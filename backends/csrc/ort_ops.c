@@ -1,12 +1,16 @@
 /* moeport's kernels as ONNX Runtime custom operators (domain "ai.moeport.cpu").
  *
  *   LinearBf16 / LinearFp16 (x float [..., K], w [N, K])                    -> y float [..., N]
+ *   LinearQ8 / LinearQ4 (x float [..., K], codes uint8 [N, K*bits/8], scales float [N, K/block])
  *   MoEBf16 / MoEFp16 (x float [T, H], expert_idx int64 [T, k], expert_weights float [T, k],
  *                      gate_up [E, 2I, H], down [E, H, I])                 -> y float [T, H]
+ *   MoEQ8 / MoEQ4 (x, expert_idx, expert_weights, gate_up codes [E, 2I, H*bits/8], gate_up scales
+ *                  [E, 2I, H/block], down codes [E, H, I*bits/8], down scales [E, H, I/block])
  *
- * The cpu backend rewrites its graph to these when an artifact stores bf16/fp16 weights, and loads
- * this library with SessionOptions.register_custom_ops_library. Work runs on the session's intra-op
- * thread pool (KernelContext_ParallelFor).
+ * Quantized weights are moeport's QLinear/QMoE format (exporter/ops.py); the block size follows from
+ * the shapes. The cpu backend rewrites its graph to these operators and loads this library with
+ * SessionOptions.register_custom_ops_library. Work runs on the session's intra-op thread pool
+ * (KernelContext_ParallelFor).
  */
 #include <stdio.h>
 #include <stdlib.h>
@@ -82,53 +86,100 @@ typedef struct {
   OrtCustomOp base;
   const char* name;
   int is_moe;
-  int dtype; /* weight element type */
+  int dtype; /* weight format: MOEPORT_BF16, _FP16, _Q8, _Q4 */
 } MoeportOp;
+
+static int is_quantized(const MoeportOp* op) { return op->dtype == MOEPORT_Q8 || op->dtype == MOEPORT_Q4; }
+
+/* Weights [lead..., rows, k] from a stored tensor (half) or codes + scales (quantized); checks the
+ * shapes against k. Returns NULL or a message in msg. */
+static const char* weights_of(const MoeportOp* op, void* data, const int64_t* dims, size_t rank, void* scales,
+                              const int64_t* sdims, size_t srank, int64_t k, MoeportWeights* w) {
+  static char msg[256];
+  int64_t cols = dims[rank - 1];
+  w->dtype = op->dtype;
+  w->data = (const uint8_t*)data;
+  w->scales = (const float*)scales;
+  w->k = k;
+  w->block = 0;
+  if (!is_quantized(op)) {
+    if (cols == k) return NULL;
+    char shape[96] = "";
+    for (size_t i = 0; i < rank; i++)
+      snprintf(shape + strlen(shape), sizeof shape - strlen(shape), "%s%lld", i ? ", " : "", (long long)dims[i]);
+    snprintf(msg, sizeof msg, "x has %lld features but the weight [%s] expects %lld", (long long)k, shape,
+             (long long)cols);
+    return msg;
+  }
+  int bits = op->dtype;
+  int same_lead = srank == rank;
+  for (size_t i = 0; same_lead && i + 1 < rank; i++) same_lead = sdims[i] == dims[i];
+  if (cols * 8 != k * bits || !same_lead || sdims[srank - 1] < 1 || k % sdims[srank - 1]) {
+    snprintf(msg, sizeof msg,
+             "x has %lld features, which %lld-bit codes with %lld bytes per row and %lld scales per row do not fit",
+             (long long)k, (long long)bits, (long long)cols, (long long)sdims[srank - 1]);
+    return msg;
+  }
+  w->block = k / sdims[srank - 1];
+  if (w->block < 16 || (w->block & (w->block - 1))) {
+    snprintf(msg, sizeof msg, "block size %lld (%lld features / %lld scales) is not a power of two >= 16",
+             (long long)w->block, (long long)k, (long long)sdims[srank - 1]);
+    return msg;
+  }
+  return NULL;
+}
 
 typedef struct {
   const MoeportOp* op;
 } Kernel;
 
 static OrtStatus* linear_compute(const MoeportOp* op, OrtKernelContext* ctx) {
-  void *x, *w, *y;
-  int64_t xd[MAX_RANK], wd[MAX_RANK], yd[MAX_RANK];
-  size_t xr, wr;
+  void *x, *w, *y, *sc = NULL;
+  int64_t xd[MAX_RANK], wd[MAX_RANK], yd[MAX_RANK], sd[MAX_RANK] = {0};
+  size_t xr, wr, sr = 2;
   TRY(input(ctx, 0, &x, xd, &xr));
   TRY(input(ctx, 1, &w, wd, &wr));
-  if (xr < 1 || wr != 2) return fail(op->name, "expects x [..., K] and a 2-D weight [N, K]");
+  if (is_quantized(op)) TRY(input(ctx, 2, &sc, sd, &sr));
+  if (xr < 1 || wr != 2 || sr != 2)
+    return fail(op->name, is_quantized(op) ? "expects x [..., K], codes [N, K*bits/8] and scales [N, K/block]"
+                                           : "expects x [..., K] and a 2-D weight [N, K]");
   int64_t k = xd[xr - 1], n = wd[0], m = 1;
-  if (wd[1] != k) {
-    char msg[160];
-    snprintf(msg, sizeof msg, "x has %lld features but the weight [%lld, %lld] expects %lld", (long long)k,
-             (long long)wd[0], (long long)wd[1], (long long)wd[1]);
-    return fail(op->name, msg);
-  }
+  MoeportWeights weights;
+  const char* bad = weights_of(op, w, wd, wr, sc, sd, sr, k, &weights);
+  if (bad) return fail(op->name, bad);
   for (size_t i = 0; i + 1 < xr; i++) {
     m *= xd[i];
     yd[i] = xd[i];
   }
   yd[xr - 1] = n;
   TRY(output(ctx, yd, xr, &y));
-  if (moeport_linear((const float*)x, m, k, (const uint16_t*)w, n, (float*)y, op->dtype, ort_parallel_for, ctx))
+  if (moeport_linear((const float*)x, m, &weights, n, (float*)y, ort_parallel_for, ctx))
     return fail(op->name, "out of memory");
   return NULL;
 }
 
 static OrtStatus* moe_compute(const MoeportOp* op, OrtKernelContext* ctx) {
-  void *x, *idx, *wts, *gu, *dn, *y;
-  int64_t xd[MAX_RANK], id[MAX_RANK], wd[MAX_RANK], gd[MAX_RANK], dd[MAX_RANK];
-  size_t xr, ir, wr, gr, dr;
+  void *x, *idx, *wts, *gu, *dn, *y, *gs = NULL, *ds = NULL;
+  int64_t xd[MAX_RANK], id[MAX_RANK], wd[MAX_RANK], gd[MAX_RANK], dd[MAX_RANK], gsd[MAX_RANK] = {0},
+      dsd[MAX_RANK] = {0};
+  size_t xr, ir, wr, gr, dr, gsr = 3, dsr = 3;
+  int q = is_quantized(op);
   TRY(input(ctx, 0, &x, xd, &xr));
   TRY(input(ctx, 1, &idx, id, &ir));
   TRY(input(ctx, 2, &wts, wd, &wr));
   TRY(input(ctx, 3, &gu, gd, &gr));
-  TRY(input(ctx, 4, &dn, dd, &dr));
-  if (xr != 2 || ir != 2 || wr != 2 || gr != 3 || dr != 3)
-    return fail(op->name,
-                "expects x [T, H], expert_idx [T, k], expert_weights [T, k], gate_up [E, 2I, H], down [E, H, I]");
+  if (q) TRY(input(ctx, 4, &gs, gsd, &gsr));
+  TRY(input(ctx, q ? 5 : 4, &dn, dd, &dr));
+  if (q) TRY(input(ctx, 6, &ds, dsd, &dsr));
+  if (xr != 2 || ir != 2 || wr != 2 || gr != 3 || dr != 3 || gsr != 3 || dsr != 3)
+    return fail(op->name, q ? "expects x [T, H], expert_idx [T, k], expert_weights [T, k], 3-D gate_up codes and "
+                              "scales [E, 2I, ...], 3-D down codes and scales [E, H, ...]"
+                            : "expects x [T, H], expert_idx [T, k], expert_weights [T, k], gate_up [E, 2I, H], "
+                              "down [E, H, I]");
   int64_t t = xd[0], h = xd[1], k = id[1], e = gd[0], inter = gd[1] / 2;
-  if (id[0] != t || wd[0] != t || wd[1] != k || gd[2] != h || gd[1] % 2 || dd[0] != e || dd[1] != h ||
-      dd[2] != inter) {
+  /* down's in-dimension (inter) from its stored row length */
+  int64_t down_k = q ? dd[2] * 8 / op->dtype : dd[2];
+  if (id[0] != t || wd[0] != t || wd[1] != k || gd[1] % 2 || dd[0] != e || dd[1] != h || down_k != inter) {
     char msg[256];
     snprintf(msg, sizeof msg,
              "inconsistent shapes: x [%lld, %lld], expert_idx [%lld, %lld], expert_weights [%lld, %lld], "
@@ -138,10 +189,15 @@ static OrtStatus* moe_compute(const MoeportOp* op, OrtKernelContext* ctx) {
              (long long)dd[1], (long long)dd[2]);
     return fail(op->name, msg);
   }
+  MoeportWeights gate_up, down;
+  const char* bad = weights_of(op, gu, gd, gr, gs, gsd, gsr, h, &gate_up);
+  if (!bad) bad = weights_of(op, dn, dd, dr, ds, dsd, dsr, inter, &down);
+  if (bad) return fail(op->name, bad);
+  if (q && gate_up.block != down.block) return fail(op->name, "gate_up and down have different block sizes");
   TRY(output(ctx, xd, 2, &y));
   char err[256] = "";
-  if (moeport_moe((const float*)x, t, h, (const int64_t*)idx, (const float*)wts, k, (const uint16_t*)gu,
-                  (const uint16_t*)dn, e, inter, (float*)y, op->dtype, ort_parallel_for, ctx, err, sizeof err))
+  if (moeport_moe((const float*)x, t, h, (const int64_t*)idx, (const float*)wts, k, &gate_up, &down, e, inter,
+                  (float*)y, ort_parallel_for, ctx, err, sizeof err))
     return fail(op->name, err);
   return NULL;
 }
@@ -167,16 +223,21 @@ static const char* op_provider(const OrtCustomOp* op) {
   (void)op;
   return "CPUExecutionProvider";
 }
-static size_t op_inputs(const OrtCustomOp* op) { return ((const MoeportOp*)op)->is_moe ? 5 : 2; }
+static size_t op_inputs(const OrtCustomOp* base) {
+  const MoeportOp* op = (const MoeportOp*)base;
+  return (op->is_moe ? 5 : 2) + (is_quantized(op) ? (op->is_moe ? 2 : 1) : 0);
+}
 static size_t op_outputs(const OrtCustomOp* op) {
   (void)op;
   return 1;
 }
 static int op_input_type(const OrtCustomOp* base, size_t i) {
   const MoeportOp* op = (const MoeportOp*)base;
-  if (!op->is_moe) return i == 0 ? ORT_T_FLOAT : op->dtype;
+  size_t first = op->is_moe ? 3 : 1; /* inputs before the weights */
   static const int moe_types[3] = {ORT_T_FLOAT, ORT_T_INT64, ORT_T_FLOAT};
-  return i < 3 ? moe_types[i] : op->dtype;
+  if (i < first) return op->is_moe ? moe_types[i] : ORT_T_FLOAT;
+  if (!is_quantized(op)) return op->dtype;
+  return (i - first) % 2 ? ORT_T_FLOAT : ORT_T_UINT8; /* codes, scales[, codes, scales] */
 }
 static int op_output_type(const OrtCustomOp* op, size_t i) {
   (void)op;
@@ -202,6 +263,10 @@ static MoeportOp g_ops[] = {
     MOEPORT_OP("LinearFp16", 0, ORT_T_FLOAT16),
     MOEPORT_OP("MoEBf16", 1, ORT_T_BFLOAT16),
     MOEPORT_OP("MoEFp16", 1, ORT_T_FLOAT16),
+    MOEPORT_OP("LinearQ8", 0, MOEPORT_Q8),
+    MOEPORT_OP("LinearQ4", 0, MOEPORT_Q4),
+    MOEPORT_OP("MoEQ8", 1, MOEPORT_Q8),
+    MOEPORT_OP("MoEQ4", 1, MOEPORT_Q4),
 };
 
 MOEPORT_API OrtStatus* RegisterCustomOps(OrtSessionOptions* options, const OrtApiBase* base) {
