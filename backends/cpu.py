@@ -162,6 +162,17 @@ def _reshaped(tensor: TensorProto, name: str, dims: list[int]) -> TensorProto:
     return out
 
 
+def set_nodes(graph: onnx.GraphProto, nodes: list[onnx.NodeProto], new_inits: list[TensorProto]) -> None:
+    """Give a rewritten graph its new nodes and initializers, dropping the initializers no node reads."""
+    del graph.node[:]
+    graph.node.extend(nodes)
+    graph.initializer.extend(new_inits)
+    used = {i for nd in graph.node for i in nd.input}
+    keep = [t for t in graph.initializer if t.name in used]
+    del graph.initializer[:]
+    graph.initializer.extend(keep)
+
+
 def rewrite_for_ort(
     model: onnx.ModelProto,
     accuracy_level: int = 4,
@@ -316,13 +327,7 @@ def rewrite_for_ort(
         if not dead:
             break
         new_nodes = [nd for nd in new_nodes if nd not in dead]
-    del graph.node[:]
-    graph.node.extend(new_nodes)
-    graph.initializer.extend(new_inits)
-    used = {i for nd in graph.node for i in nd.input}
-    keep = [t for t in graph.initializer if t.name in used]
-    del graph.initializer[:]
-    graph.initializer.extend(keep)
+    set_nodes(graph, new_nodes, new_inits)
     for domain in (MS, KERNELS_DOMAIN):
         if not any(o.domain == domain for o in model.opset_import):
             model.opset_import.append(helper.make_opsetid(domain, 1))

@@ -56,7 +56,7 @@ from moeport.exporter.manifest import Artifact, sha256_file
 from moeport.exporter.ops import DOMAIN, dequantize_blocks, moe_function, parse_op_type, top_k_constant
 
 from .base import API_VERSION, Availability, BackendError
-from .cpu import session_options
+from .cpu import session_options, set_nodes
 
 log = logging.getLogger("moeport.npu")
 
@@ -509,15 +509,9 @@ def _to_half(model: onnx.ModelProto, half: int, weights: _Weights, io_half: bool
         if (precision.get(o.name) == HALF) != (to == half):
             cast_output(o.name, to)
         outputs.append(helper.make_tensor_value_info(o.name, to, None))
-    del g.node[:]
-    g.node.extend(nodes)
     del g.output[:]
     g.output.extend(outputs)
-    g.initializer.extend(new_inits)
-    used = {i for nd in g.node for i in nd.input}
-    keep = [t for t in g.initializer if t.name in used]
-    del g.initializer[:]
-    g.initializer.extend(keep)
+    set_nodes(g, nodes, new_inits)
     del g.value_info[:]
     return _static_shapes(model)
 

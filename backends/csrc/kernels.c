@@ -810,7 +810,6 @@ int moeport_linear(const float* x, int64_t m, const MoeportWeights* w, int64_t n
 typedef struct {
   const MoeportWeights *gate_up, *down;
   int64_t hidden, inter, experts;
-  int dtype;
   /* routing, grouped by expert: slot s holds a row of token s's choices; expert e owns [start[e], start[e+1]) */
   int64_t* start;
   const float* xg;   /* [slots, hidden] the routed rows of x */
@@ -895,7 +894,6 @@ static size_t moe_pack_offsets(MoeJob* j, const MoeportWeights* w, int64_t* off)
 int moeport_moe(const float* x, int64_t tokens, int64_t hidden, const int64_t* idx, const float* weights, int64_t k,
                 const MoeportWeights* gate_up, const MoeportWeights* down, int64_t experts, int64_t inter, float* y,
                 moeport_parallel_for pfor, void* pctx, char* err, size_t err_len) {
-  int dtype = gate_up->dtype;
   int64_t slots = tokens * k;
   memset(y, 0, (size_t)(tokens * hidden) * sizeof(float));
   if (slots == 0) return 0;
@@ -913,7 +911,6 @@ int moeport_moe(const float* x, int64_t tokens, int64_t hidden, const int64_t* i
   j.hidden = hidden;
   j.inter = inter;
   j.experts = experts;
-  j.dtype = dtype;
   int64_t per_expert = slots / (experts < slots ? experts : slots);
   int64_t align = pack_kind(per_expert, gate_up) == PACK_AMX ? 32 : 4;
   j.block1 = row_block(2 * inter, per_expert, align); /* a multiple of 4: whole gate/up pairs */
