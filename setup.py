@@ -12,7 +12,7 @@ setup(
     ext_modules=[
         Extension(
             "moeport.backends._kernels",
-            sources=["backends/csrc/kernels.c", "backends/csrc/ort_ops.c"],
+            sources=["backends/csrc/kernels.c", "backends/csrc/attention.c", "backends/csrc/ort_ops.c"],
             depends=["backends/csrc/kernels.h", "backends/csrc/ort_abi.h"],
             extra_compile_args=["-O3", "-std=gnu11", "-fvisibility=hidden"],
             libraries=["m"],

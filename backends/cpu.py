@@ -19,12 +19,17 @@ weight bytes from the artifact's external data (nothing is copied or re-quantize
   it is built: they read the artifact's codes and scales in place (no pre-packed copy, so a session
   loads in a fraction of a second and holds the weights once), decode with AVX512-VNNI byte products
   and prefill on AMX tiles; ``quant_kernels=False`` keeps ONNX Runtime's ``MatMulNBits``/``QMoE``.
+- ``LatentAttention`` (MLA over the latent cache) -> the same library's fused ``LatentAttention``: one
+  pass over the cache for all heads with an online softmax, the cache read in place (the reference is a
+  chain of a dozen small ONNX nodes per layer, each reading or writing a [heads, positions] array);
+  ``attention_kernels=False`` keeps the reference.
 
-Options: ``threads``; ``half_kernels`` / ``quant_kernels`` (default true: moeport's kernels where
-built); ``accuracy_level`` of ONNX Runtime's quantized kernels (4, the default, lets them quantize
-activations to int8 per block on the fly as llama.cpp's Q4/Q8 dot products do — on this CPU class
-the fast int8/int4 kernels exist only in that mode; 0 keeps float32 activations, exact but far
-slower at 8 bits); ``reference=True`` keeps the reference decompositions instead (for checking).
+Options: ``threads``; ``half_kernels`` / ``quant_kernels`` / ``attention_kernels`` (default true:
+moeport's kernels where built); ``accuracy_level`` of ONNX Runtime's quantized kernels (4, the
+default, lets them quantize activations to int8 per block on the fly as llama.cpp's Q4/Q8 dot
+products do — on this CPU class the fast int8/int4 kernels exist only in that mode; 0 keeps
+float32 activations, exact but far slower at 8 bits); ``reference=True`` keeps the reference
+decompositions instead (for checking).
 """
 
 from __future__ import annotations
@@ -56,10 +61,13 @@ _SWIGLU = dict(
 class OrtProgram:
     """An ONNX Runtime session over the (rewritten) graph."""
 
-    def __init__(self, session: Any, half_kernels: bool = False, quant_kernels: bool = False):
+    def __init__(
+        self, session: Any, half_kernels: bool = False, quant_kernels: bool = False, attention_kernels: bool = False
+    ):
         self.session = session
         self.half_kernels = half_kernels  # bf16/fp16 weights read as stored by moeport's kernels
         self.quant_kernels = quant_kernels  # int8/int4 weights on moeport's kernels (not MatMulNBits/QMoE)
+        self.attention_kernels = attention_kernels  # LatentAttention on moeport's fused kernel
         self.input_names = [i.name for i in session.get_inputs()]
         self.output_names = [o.name for o in session.get_outputs()]
 
@@ -90,25 +98,28 @@ class CpuBackend:
 
         so = session_options(options.get("threads"), artifact.directory)
         model = onnx.load(str(artifact.graph_path), load_external_data=False)
-        half = quant = False
+        ours: set[str] = set()
         if not options.get("reference"):
             lib = kernels_library()[0]
+            flags = {k: _flag(options.get(k, True)) for k in ("half_kernels", "quant_kernels", "attention_kernels")}
             rewrite_for_ort(
                 model,
                 accuracy_level=int(options.get("accuracy_level", 4)),
-                half_kernels=lib is not None and _flag(options.get("half_kernels", True)),
-                quant_kernels=lib is not None and _flag(options.get("quant_kernels", True)),
+                **{k: lib is not None and v for k, v in flags.items()},
             )
             ours = {n.op_type for n in model.graph.node if n.domain == KERNELS_DOMAIN}
-            half = any(op[-2:] not in ("Q8", "Q4") for op in ours)
-            quant = any(op[-2:] in ("Q8", "Q4") for op in ours)
             if ours:
                 so.register_custom_ops_library(str(lib))
         try:
             session = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
         except Exception as exc:
             raise BackendError(f"cpu: onnxruntime could not load {artifact.graph_path}: {exc}") from exc
-        return OrtProgram(session, half_kernels=half, quant_kernels=quant)
+        return OrtProgram(
+            session,
+            half_kernels=any(op.endswith(("Bf16", "Fp16")) for op in ours),
+            quant_kernels=any(op.endswith(("Q8", "Q4")) for op in ours),
+            attention_kernels="LatentAttention" in ours,
+        )
 
 
 def _flag(value: Any) -> bool:
@@ -179,10 +190,12 @@ def rewrite_for_ort(
     moe_accuracy_level: int | None = None,
     half_kernels: bool = False,
     quant_kernels: bool = False,
+    attention_kernels: bool = False,
 ) -> None:
     """Replace moeport's operators by fast CPU kernels, in place: ONNX Runtime's fused ones, or with
-    ``half_kernels`` moeport's kernel library for bf16/fp16 weights (instead of widening them to float32)
-    and with ``quant_kernels`` for int8/int4 weights (instead of ``MatMulNBits``/``QMoE``)."""
+    ``half_kernels`` moeport's kernel library for bf16/fp16 weights (instead of widening them to float32),
+    with ``quant_kernels`` for int8/int4 weights (instead of ``MatMulNBits``/``QMoE``) and with
+    ``attention_kernels`` for ``LatentAttention`` (instead of its reference)."""
     if moe_accuracy_level is None:
         moe_accuracy_level = accuracy_level
     graph = model.graph
@@ -252,7 +265,9 @@ def rewrite_for_ort(
             new_nodes.append(n)
             continue
         kind, bits, block = parse_op_type(n.op_type)
-        if kind in ("QLinear", "QMoE") and quant_kernels and bits in (4, 8):
+        if kind == "LatentAttention" and attention_kernels:
+            new_nodes.append(helper.make_node(kind, list(n.input), list(n.output), name=n.name, domain=KERNELS_DOMAIN))
+        elif kind in ("QLinear", "QMoE") and quant_kernels and bits in (4, 8):
             op = ("Linear" if kind == "QLinear" else "MoE") + f"Q{bits}"
             new_nodes.append(helper.make_node(op, list(n.input), list(n.output), name=n.name, domain=KERNELS_DOMAIN))
         elif kind == "QLinear":

@@ -53,7 +53,14 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from moeport.exporter.manifest import Artifact, sha256_file
-from moeport.exporter.ops import DOMAIN, dequantize_blocks, moe_function, parse_op_type, top_k_constant
+from moeport.exporter.ops import (
+    DOMAIN,
+    dequantize_blocks,
+    latent_attention_function,
+    moe_function,
+    parse_op_type,
+    top_k_constant,
+)
 
 from .base import API_VERSION, Availability, BackendError
 from .cpu import session_options, set_nodes
@@ -295,6 +302,9 @@ def _lower_moeport_ops(model: onnx.ModelProto, tokens: int, weights: _Weights) -
             new_nodes.append(n)
             continue
         kind, bits, block = parse_op_type(n.op_type)
+        if kind == "LatentAttention":  # its reference body is static once the shapes are pinned
+            new_nodes.append(n)
+            continue
         if kind == "QLinear":
             x, codes, scales = n.input
             w = dequantized(codes, scales, bits, block)
@@ -354,8 +364,10 @@ def _lower_moeport_ops(model: onnx.ModelProto, tokens: int, weights: _Weights) -
     del g.initializer[:]
     g.initializer.extend(keep)
     del model.functions[:]
-    if any(nd.domain == DOMAIN for nd in g.node):
+    if any(nd.domain == DOMAIN and nd.op_type == "MoE" for nd in g.node):
         model.functions.append(moe_function("MoE"))
+    if any(nd.domain == DOMAIN and nd.op_type == "LatentAttention" for nd in g.node):
+        model.functions.append(latent_attention_function())
 
 
 def _pin_inputs(model: onnx.ModelProto, tokens: int, capacity: int, dim: int) -> None:

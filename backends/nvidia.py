@@ -59,7 +59,8 @@ def prepare_for_cuda(model: onnx.ModelProto, moe_kernels: str = "auto") -> onnx.
     """The artifact's graph with ORT's fused kernels where CUDA has them (see the module docstring)."""
     if moe_kernels not in ("auto", "fused", "reference"):
         raise BackendError(f"nvidia: moe_kernels must be auto, fused or reference, not {moe_kernels!r}")
-    keep = {"auto": ("QMoE",), "fused": (), "reference": ("MoE", "QMoE")}[moe_kernels]
+    # the reference bodies kept (inlined): LatentAttention always (CUDA has no kernel of it here)
+    keep = ("LatentAttention", *{"auto": ("QMoE",), "fused": (), "reference": ("MoE", "QMoE")}[moe_kernels])
     chosen = [(f.domain, f.name) for f in model.functions if f.domain == DOMAIN and f.name.split("_")[0] in keep]
     if chosen:
         model = onnx.inliner.inline_selected_functions(model, chosen)

@@ -472,6 +472,16 @@ def _kernel_ops(model) -> set[str]:
     return {op for op, good in ok.items() if good}
 
 
+def inline_all_but_kernel_ops(model: onnx.ModelProto) -> tuple[onnx.ModelProto, set[str]]:
+    """The model with moeport's ops that the kernels do not take inlined to their reference bodies, and
+    the ops that the kernels take (see :func:`_kernel_ops`)."""
+    ops = _kernel_ops(model)
+    keep = [(f.domain, f.name) for f in model.functions if f.name in ops]
+    if len(keep) < len(model.functions):
+        model = onnx.inliner.inline_selected_functions(model, keep, exclude=True)
+    return model, ops
+
+
 class _Converters:
     """Relax ONNX importer converters that emit ``call_tir`` of the kernels above (one PrimFunc per shape)."""
 
@@ -1010,10 +1020,7 @@ class TvmBackend:
         try:
             # The inliner serializes the model: weights > 2 GB (protobuf's limit) load after it
             model = onnx.load(str(artifact.graph_path), load_external_data=False)
-            ops = _kernel_ops(model)  # moeport's ops the kernels take; the others are inlined
-            keep = [(f.domain, f.name) for f in model.functions if f.name in ops]
-            if len(keep) < len(model.functions):
-                model = onnx.inliner.inline_selected_functions(model, keep, exclude=True)
+            model, ops = inline_all_but_kernel_ops(model)
             onnx.external_data_helper.load_external_data_for_model(model, str(Path(artifact.graph_path).parent))
             prepare_graph(model)
             mod = _import(model, ops)

@@ -186,6 +186,10 @@ class GraphBuilder:
         name = ops.op_type("QLinear", bits, block)
         return self.call(self.functions.get(name) or ops.qlinear_function(name, bits, block), x, codes, scales)
 
+    def latent_attention(self, q: str, past: str, new: str, allowed: str, scale: float) -> str:
+        fn = self.functions.get("LatentAttention") or ops.latent_attention_function()
+        return self.call(fn, q, past, new, allowed, self.const(scale, np.float32))
+
     def moe(self, x: str, idx: str, weights: str, gate_up: str, down: str) -> str:
         return self.call(self.functions.get("MoE") or ops.moe_function("MoE"), x, idx, weights, gate_up, down)
 

@@ -22,6 +22,15 @@ Operators (``x`` is ``[tokens, in]``):
 
 ``QMoE(x, expert_idx, expert_weights, gate_up_codes, gate_up_scales, down_codes, down_scales)``
     The same with both expert weights quantized as in ``QLinear``.
+
+``LatentAttention(q, past, new, allowed, scale) -> [B, H, S, D]``
+    MLA attention in its absorbed form, over the latent cache: every latent row (``D`` =
+    kv_lora_rank + qk_rope_head_dim values) is the key and the value of all heads. ``q`` is
+    ``[B, H, S, D]`` (the absorbed queries), ``past`` ``[B, P, D]`` the cache, ``new`` ``[B, S, D]`` this
+    step's rows, ``allowed`` bool ``[B, 1, S, P + S]`` which keys each query may see, ``scale`` a float
+    scalar: ``softmax(where(allowed, scale * q . [past | new]^T, lowest)) . [past | new]``. The reference
+    attends over past and new separately and joins the scores, so the cache is never copied; a query
+    that may see no key gets the mean of all rows (softmax of equal scores).
 """
 
 from __future__ import annotations
@@ -156,6 +165,32 @@ def _experts(f: _Body, gate_up: str, down: str) -> list[onnx.NodeProto]:
     y = f("Mul", y, f("Unsqueeze", "expert_weights", f.const([-1])))
     f.nodes.append(helper.make_node("ReduceSum", [y, f.const([1])], ["y"], keepdims=0))
     return f.nodes
+
+
+def latent_attention_function() -> onnx.FunctionProto:
+    f = _Body("attn")
+    one, last = f.const([1]), f.const([-1])
+    past, new = f("Unsqueeze", "past", one), f("Unsqueeze", "new", one)  # [B, 1, P|S, D]: one key/value "head"
+    scores = f(
+        "Concat",
+        f("MatMul", "q", f("Transpose", past, perm=[0, 1, 3, 2])),
+        f("MatMul", "q", f("Transpose", new, perm=[0, 1, 3, 2])),
+        axis=-1,
+    )  # [B, H, S, P + S]
+    scores = f("Where", "allowed", f("Mul", scores, "scale"), f.const(np.finfo(np.float32).min, np.float32))
+    probs = f("Softmax", scores, axis=-1)
+    past_len = f("Slice", f("Shape", "past"), one, f.const([2]))
+    probs_past = f("Slice", probs, f.const([0]), past_len, last)
+    probs_new = f("Slice", probs, past_len, f.const([np.iinfo(np.int64).max]), last)
+    f.nodes.append(helper.make_node("Add", [f("MatMul", probs_past, past), f("MatMul", probs_new, new)], ["y"]))
+    return helper.make_function(
+        DOMAIN,
+        "LatentAttention",
+        ["q", "past", "new", "allowed", "scale"],
+        ["y"],
+        f.nodes,
+        [helper.make_opsetid("", OPSET)],
+    )
 
 
 def moe_function(name: str) -> onnx.FunctionProto:

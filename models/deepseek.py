@@ -241,23 +241,11 @@ class DeepseekGraph:
         w_uv_t = b.weight(a + "kv_b_proj.weight:v", uv_t)
         del kv_b, uv_t
 
-        # attend over [past | new] without ever concatenating (copying) the cache: scores are joined instead
-        one = b.const([1], i64)
+        # attend over the latent rows [past | new] (the cache is read in place, never joined with the new rows)
         q_full = b.Concat(b.MatMul(q_nope, w_uk), q_rot, axis=-1)  # [B, nh, S, D]
-        past = b.Unsqueeze(CACHE_INPUT.format(layer), one)  # [B, 1, P, D]
-        new = b.Unsqueeze(new_latent, one)  # [B, 1, S, D]
-        scores = b.Concat(
-            b.MatMul(q_full, b.Transpose(past, perm=[0, 1, 3, 2])),
-            b.MatMul(q_full, b.Transpose(new, perm=[0, 1, 3, 2])),
-            axis=-1,
-        )  # [B, nh, S, P + S]
-        scores = b.Mul(scores, b.const(cfg.softmax_scale(), np.float32))
-        scores = b.Where(ctx["allowed"], scores, b.const(np.finfo(np.float32).min, np.float32))
-        probs = b.Softmax(scores, axis=-1)
-        last = b.const([-1], i64)
-        probs_past = b.Slice(probs, b.const([0], i64), ctx["past_len"], last)
-        probs_new = b.Slice(probs, ctx["past_len"], b.const([np.iinfo(np.int64).max], i64), last)
-        ctx_rows = b.Add(b.MatMul(probs_past, past), b.MatMul(probs_new, new))  # [B, nh, S, D]
+        ctx_rows = b.latent_attention(
+            q_full, CACHE_INPUT.format(layer), new_latent, ctx["allowed"], cfg.softmax_scale()
+        )  # [B, nh, S, D]
         out = b.MatMul(ctx_rows, w_uv_t)  # [B, nh, S, v]
         out = b.Reshape(b.Transpose(out, perm=[0, 2, 1, 3]), b.const([-1, nh * v], i64))
         return self.linear(out, a + "o_proj.weight")
@@ -400,7 +388,6 @@ class DeepseekGraph:
             cos, sin = b.Mul(cos, af), b.Mul(sin, af)
         one = b.const([1], i64)
 
-        past_len = b.Slice(b.Shape(CACHE_INPUT.format(0)), one, b.const([2], i64))  # [1]: P
         total = b.Gather(b.Shape("attention_mask"), b.const(1, i64), axis=0)
         seq = b.Gather(bs, b.const(1, i64), axis=0)
         k_idx = b.Range(b.const(0, i64), total, b.const(1, i64))
@@ -409,7 +396,6 @@ class DeepseekGraph:
         keep = b.Cast(b.Unsqueeze("attention_mask", b.const([1, 2], i64)), to=TensorProto.BOOL)  # [B, 1, 1, T]
         allowed = b.And(causal, keep)  # [B, 1, S, T]
         return dict(
-            past_len=past_len,
             bs=bs,
             cos=cos,
             sin=sin,

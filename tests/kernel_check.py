@@ -40,6 +40,15 @@ def _moe_reference(x, idx, weights, g, d) -> np.ndarray:
     return ref
 
 
+def _attention_reference(q, past, new, allowed, scale) -> np.ndarray:
+    """LatentAttention's definition (exporter/ops.py) in float64, masked scores at float32's lowest value."""
+    kv = np.concatenate([past, new], 1).astype(np.float64)  # [B, T, D]
+    scores = np.einsum("bhsd,btd->bhst", q.astype(np.float64), kv) * scale
+    scores = np.where(allowed, scores, np.finfo(np.float32).min)
+    e = np.exp(scores - scores.max(-1, keepdims=True))
+    return np.einsum("bhst,btd->bhsd", e / e.sum(-1, keepdims=True), kv)
+
+
 def _rel(y, ref) -> float:
     return float(np.abs(y - ref).max() / np.abs(ref).max())
 
@@ -121,10 +130,39 @@ def main(path: str) -> None:
             rc, y = _moe(lib, x[:rows], idx[:rows], weights[:rows], gc, dc, inter, bits, err, gs, ds, block)
             assert rc == 0, err.value
             q_moe = max(q_moe, _rel(y, _moe_reference(x[:rows], idx[:rows], weights[:rows], g, d)))
+    # LatentAttention: (batch, heads, new rows, row length, cached rows, left padding of rows 1..);
+    # decode with keys split in ranges (T >= 256), prefill blocks, D not a multiple of 16, padded queries
+    # that may see no key at all (the reference's mean of all rows)
+    lib.moeport_latent_attention_serial.argtypes = [p, i64, i64, i64, i64, p, i64, p, p, ctypes.c_int]
+    lib.moeport_latent_attention_serial.argtypes += [ctypes.c_float, p]
+    attention = 0.0
+    for batch, heads, seq, dim, cached, pad in [
+        (1, 8, 1, 288, 2048, 0),
+        (3, 4, 1, 17, 300, 40),
+        (1, 8, 1, 40, 5, 0),
+        (2, 3, 7, 40, 9, 2),
+        (1, 8, 70, 48, 0, 0),
+        (2, 5, 9, 33, 0, 4),
+        (2, 8, 33, 64, 70, 75),
+        (1, 128, 2, 576, 300, 0),
+    ]:
+        total = cached + seq
+        q = rng.standard_normal((batch, heads, seq, dim)).astype(np.float32)
+        past = rng.standard_normal((batch, cached, dim)).astype(np.float32)
+        new = rng.standard_normal((batch, seq, dim)).astype(np.float32)
+        mask = np.ones((batch, total), bool)
+        mask[1:, :pad] = False
+        causal = np.arange(total)[None, :] <= np.arange(cached, total)[:, None]
+        allowed = (causal[None] & mask[:, None, :])[:, None].copy()  # [B, 1, S, T]
+        out = np.full(q.shape, np.nan, np.float32)
+        args = (q, batch, heads, seq, dim, past if cached else None, cached, new, allowed, int(batch > 1), 0.125, out)
+        assert lib.moeport_latent_attention_serial(*[_ptr(a) for a in args]) == 0
+        attention = max(attention, _rel(out, _attention_reference(q, past, new, allowed, 0.125)))
     print(
         json.dumps(
             {
                 "isa": lib.moeport_kernels_isa().decode(),
+                "attention_max_rel_err": attention,
                 "linear_max_rel_err": worst_linear,
                 "moe_max_rel_err": worst_moe,
                 "quantized_linear_max_rel_err": q_linear,

@@ -73,6 +73,7 @@ def test_every_code_path_matches_numpy(lib_path):
         assert report["quantized_linear_max_rel_err"] < qtol, report
         assert report["quantized_moe_max_rel_err"] < qtol, report
         assert report["bad_index_error"] == "expert index 9 out of range [0, 8) (token 2)", report
+        assert report["attention_max_rel_err"] < 1e-5, report  # float32 sums over up to 2049 keys
 
 
 def test_bf16_artifact_runs_on_the_kernels_and_matches_transformers(oracle_cache, lib_path):
@@ -158,6 +159,23 @@ def test_quantized_kernels_equal_the_reference_decomposition(tmp_path, lib_path,
     _prefill_then_steps(fast, ref, one, seed=2, tol=2e-4)
 
 
+def test_attention_kernel_equals_the_reference_decomposition(oracle_cache, lib_path):
+    """LatentAttention runs as one fused operator per layer (no Softmax or attention MatMul left) and
+    computes what its reference body defines, on a prompt (prefill blocks) and decode steps; 1 thread
+    gives the same bits as 2. Batches with padded rows go through it in test_generation's batch tests."""
+    art = oracle_cache.artifact("v3", "fp32")
+    fast = load(art, backend="cpu", threads=2)
+    ref = load(art, backend="cpu", attention_kernels=False)
+    one = load(art, backend="cpu", threads=1)
+    assert fast.program.attention_kernels and not ref.program.attention_kernels
+    graph = onnx.load(str(art / "model.onnx"), load_external_data=False)
+    cpu.rewrite_for_ort(graph, attention_kernels=True)
+    fused = [n for n in graph.graph.node if n.domain == cpu.KERNELS_DOMAIN and n.op_type == "LatentAttention"]
+    assert len(fused) == fast.config.num_hidden_layers
+    assert not [n for n in graph.graph.node if n.domain == "ai.moeport" and n.op_type == "LatentAttention"]
+    _prefill_then_steps(fast, ref, one, seed=3, tol=1e-5)
+
+
 def _session(lib_path: Path, nodes, inputs, outputs, inits) -> ort.InferenceSession:
     graph = helper.make_graph(nodes, "g", inputs, outputs, inits)
     model = helper.make_model(
@@ -216,6 +234,27 @@ def test_operator_errors_name_the_problem(lib_path):
     assert q4.run(None, {"x": np.ones((1, 32), np.float32)})[0].shape == (1, 5)
     with pytest.raises(Exception, match=r"LinearQ4: x has 30 features, which 4-bit codes with 16 bytes per row"):
         q4.run(None, {"x": np.zeros((2, 30), np.float32)})
+
+    names = ["q", "past", "new", "allowed", "scale"]
+    attn = _session(
+        lib_path,
+        [helper.make_node("LatentAttention", names, ["y"], domain=cpu.KERNELS_DOMAIN)],
+        [helper.make_tensor_value_info(n, TensorProto.BOOL if n == "allowed" else f, None) for n in names],
+        [helper.make_tensor_value_info("y", f, None)],
+        [],
+    )
+    feeds = {
+        "q": np.ones((1, 2, 1, 8), np.float32),
+        "past": np.ones((1, 3, 8), np.float32),
+        "new": np.ones((1, 1, 8), np.float32),
+        "allowed": np.ones((1, 1, 1, 4), bool),
+        "scale": np.array(0.5, np.float32),
+    }
+    np.testing.assert_allclose(attn.run(None, feeds)[0], np.ones((1, 2, 1, 8)), rtol=1e-6)
+    with pytest.raises(Exception, match=r"LatentAttention: inconsistent shapes: q \[1, 2, 1, 8\], past \[1, 3, 7\]"):
+        attn.run(None, dict(feeds, past=np.ones((1, 3, 7), np.float32)))
+    with pytest.raises(Exception, match=r"LatentAttention: expects q \[B, H, S, D\]"):
+        attn.run(None, dict(feeds, q=np.ones((2, 1, 8), np.float32)))
 
 
 def test_backends_lists_the_kernels(lib_path):

@@ -260,10 +260,9 @@ def test_the_build_uses_the_kernels(tvm_artifact):
     """The artifact's MoE and linear layers run as the hand-written kernels, not the reference bodies."""
     import onnx
 
-    from moeport.backends.tvm import _import, _kernel_ops, prepare_graph
+    from moeport.backends.tvm import _import, inline_all_but_kernel_ops, prepare_graph
 
-    model = onnx.load(str(tvm_artifact / "model.onnx"))
-    ops = _kernel_ops(model)
+    model, ops = inline_all_but_kernel_ops(onnx.load(str(tvm_artifact / "model.onnx")))
     assert "MoE" in ops
     prepare_graph(model)
     names = {gv.name_hint for gv in _import(model, ops).get_global_vars()}

@@ -626,6 +626,8 @@ static int isa(void) {
   return level;
 }
 
+int moeport_has_avx512(void) { return isa() >= ISA_AVX512; }
+
 const char* moeport_kernels_isa(void) {
   static const char* names[] = {"generic", "avx512", "avx512+vnni", "avx512+vnni+amx-bf16"};
   return names[isa()];
@@ -714,17 +716,12 @@ static void pack(const float* x, int64_t m, int64_t ldx, const MoeportWeights* w
  * from mmap, and the kernel zeroing their pages cost as much as the expert products themselves. */
 #include <pthread.h>
 
-typedef struct {
-  void* ptr;
-  size_t size;
-} Buffer;
-
 #define POOL_SLOTS 8
-static Buffer g_pool[POOL_SLOTS];
+static MoeportBuffer g_pool[POOL_SLOTS];
 static pthread_mutex_t g_pool_lock = PTHREAD_MUTEX_INITIALIZER;
 
-static Buffer buffer_get(size_t size) {
-  Buffer found = {NULL, 0};
+MoeportBuffer moeport_buffer_get(size_t size) {
+  MoeportBuffer found = {NULL, 0};
   pthread_mutex_lock(&g_pool_lock);
   int best = -1;
   for (int i = 0; i < POOL_SLOTS; i++)
@@ -740,7 +737,7 @@ static Buffer buffer_get(size_t size) {
   return found;
 }
 
-static void buffer_put(Buffer b) {
+void moeport_buffer_put(MoeportBuffer b) {
   if (!b.ptr) return;
   pthread_mutex_lock(&g_pool_lock);
   int slot = -1;
@@ -756,7 +753,7 @@ static void buffer_put(Buffer b) {
       return;
     }
   }
-  Buffer evicted = g_pool[slot];
+  MoeportBuffer evicted = g_pool[slot];
   g_pool[slot] = b;
   pthread_mutex_unlock(&g_pool_lock);
   free(evicted.ptr);
@@ -793,15 +790,15 @@ int moeport_linear(const float* x, int64_t m, const MoeportWeights* w, int64_t n
   if (m == 0 || n == 0) return 0;
   int kind = pack_kind(m, w);
   LinearJob job = {x, w, NULL, y, m, n, row_block(n, m, kind == PACK_AMX ? 32 : 4), 0};
-  Buffer packed = {NULL, 0};
+  MoeportBuffer packed = {NULL, 0};
   if (kind != PACK_NONE) {
-    packed = buffer_get(packed_bytes(m, w));
+    packed = moeport_buffer_get(packed_bytes(m, w));
     if (!packed.ptr) return -1;
     pack(x, m, w->k, w, (uint8_t*)packed.ptr);
     job.packed = (const uint8_t*)packed.ptr;
   }
   pfor(pctx, linear_item, (size_t)((n + job.block - 1) / job.block), &job);
-  buffer_put(packed);
+  moeport_buffer_put(packed);
   return job.failed ? -1 : 0;
 }
 
@@ -918,7 +915,7 @@ int moeport_moe(const float* x, int64_t tokens, int64_t hidden, const int64_t* i
   int64_t max_items = experts * ((2 * inter + j.block1 - 1) / j.block1 + (hidden + j.block2 - 1) / j.block2);
   int64_t* ints = (int64_t*)calloc((size_t)(5 * (experts + 1) + 2 * slots + 2 * max_items), sizeof(int64_t));
   size_t floats = (size_t)(slots * (2 * hidden + inter)) + 16;
-  Buffer work = buffer_get(floats * sizeof(float)), packed = {NULL, 0};
+  MoeportBuffer work = moeport_buffer_get(floats * sizeof(float)), packed = {NULL, 0};
   float* xg = (float*)work.ptr;
   j.act = xg ? xg + slots * hidden : NULL;
   j.out = xg ? j.act + slots * inter : NULL;
@@ -949,7 +946,7 @@ int moeport_moe(const float* x, int64_t tokens, int64_t hidden, const int64_t* i
     if (EXPERT_ROWS(&j, e)) j.active[n_active++] = e;
   size_t total1 = moe_pack_offsets(&j, gate_up, j.off1), total2 = moe_pack_offsets(&j, down, j.off2);
   if (total1 + total2) {
-    packed = buffer_get(total1 + total2);
+    packed = moeport_buffer_get(total1 + total2);
     j.packed1 = (uint8_t*)packed.ptr;
     if (!j.packed1) {
       snprintf(err, err_len, "out of memory for %lld routed rows", (long long)slots);
@@ -976,8 +973,8 @@ int moeport_moe(const float* x, int64_t tokens, int64_t hidden, const int64_t* i
   rc = 0;
 done:
   free(ints);
-  buffer_put(work);
-  buffer_put(packed);
+  moeport_buffer_put(work);
+  moeport_buffer_put(packed);
   return rc;
 }
 

@@ -39,6 +39,15 @@ int moeport_moe(const float* x, int64_t tokens, int64_t hidden, const int64_t* i
                 const MoeportWeights* gate_up, const MoeportWeights* down, int64_t experts, int64_t inter, float* y,
                 moeport_parallel_for pfor, void* pctx, char* err, size_t err_len);
 
+/* out [B, H, S, D]: attention of queries q [B, H, S, D] over the keys kv[b] = [past[b] (P rows) | fresh[b]
+ * (S rows)], each a latent row of D values serving as key and value (MLA's absorbed form): scores
+ * scale * q . kv[t], key t visible to query s iff allowed[b (or 0 when not batched), s, t] != 0 (T = P + S),
+ * softmax over the visible keys; a query that sees no key gets the mean of all T rows (the reference's
+ * softmax over equal masked scores). Returns 0, or -1 when out of memory. */
+int moeport_latent_attention(const float* q, int64_t batch, int64_t heads, int64_t seq, int64_t dim, const float* past,
+                             int64_t past_len, const float* fresh, const uint8_t* allowed, int allowed_batched,
+                             float scale, float* out, moeport_parallel_for pfor, void* pctx);
+
 /* The same kernels on the calling thread (for tests through ctypes); scales/block only for quantized
  * dtypes. */
 MOEPORT_API int moeport_linear_serial(const float* x, int64_t m, int64_t k, const void* w, const float* scales,
@@ -47,5 +56,18 @@ MOEPORT_API int moeport_moe_serial(const float* x, int64_t tokens, int64_t hidde
                                    const float* weights, int64_t k, const void* gate_up, const float* gate_up_scales,
                                    const void* down, const float* down_scales, int64_t block, int64_t experts,
                                    int64_t inter, float* y, int dtype, char* err, size_t err_len);
+
+MOEPORT_API int moeport_latent_attention_serial(const float* q, int64_t batch, int64_t heads, int64_t seq, int64_t dim,
+                                               const float* past, int64_t past_len, const float* fresh,
+                                               const uint8_t* allowed, int allowed_batched, float scale, float* out);
+
+/* Shared by the library's source files (not exported). */
+typedef struct {
+  void* ptr;
+  size_t size;
+} MoeportBuffer;
+MoeportBuffer moeport_buffer_get(size_t size); /* 64-byte aligned, reused across calls; ptr NULL if out of memory */
+void moeport_buffer_put(MoeportBuffer b);
+int moeport_has_avx512(void); /* the AVX-512 path is in use (cpu support and MOEPORT_KERNELS_ISA) */
 
 #endif

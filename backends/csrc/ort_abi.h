@@ -29,7 +29,7 @@ typedef struct OrtApiBase {
 } OrtApiBase;
 
 /* ONNX tensor element types (TensorProto.DataType) */
-enum { ORT_T_FLOAT = 1, ORT_T_UINT8 = 2, ORT_T_INT64 = 7, ORT_T_FLOAT16 = 10, ORT_T_BFLOAT16 = 16 };
+enum { ORT_T_FLOAT = 1, ORT_T_UINT8 = 2, ORT_T_INT64 = 7, ORT_T_BOOL = 9, ORT_T_FLOAT16 = 10, ORT_T_BFLOAT16 = 16 };
 /* OrtErrorCode */
 enum { ORT_E_FAIL = 1, ORT_E_INVALID_ARGUMENT = 2 };
 

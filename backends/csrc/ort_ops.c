@@ -6,6 +6,9 @@
  *                      gate_up [E, 2I, H], down [E, H, I])                 -> y float [T, H]
  *   MoEQ8 / MoEQ4 (x, expert_idx, expert_weights, gate_up codes [E, 2I, H*bits/8], gate_up scales
  *                  [E, 2I, H/block], down codes [E, H, I*bits/8], down scales [E, H, I/block])
+ *   LatentAttention (q float [B, H, S, D], past float [B, P, D], new float [B, S, D],
+ *                    allowed bool [B or 1, 1, S, P + S], scale float [] or [1]) -> float [B, H, S, D]
+ *                   (moeport's LatentAttention, exporter/ops.py; kernel in attention.c)
  *
  * Quantized weights are moeport's QLinear/QMoE format (exporter/ops.py); the block size follows from
  * the shapes. The cpu backend rewrites its graph to these operators and loads this library with
@@ -82,11 +85,13 @@ static void ort_parallel_for(void* ctx, void (*fn)(void*, size_t), size_t n, voi
 
 /* ---- the operators -------------------------------------------------------------------------- */
 
+enum { OP_LINEAR = 0, OP_MOE = 1, OP_ATTENTION = 2 };
+
 typedef struct {
   OrtCustomOp base;
   const char* name;
-  int is_moe;
-  int dtype; /* weight format: MOEPORT_BF16, _FP16, _Q8, _Q4 */
+  int kind;  /* OP_LINEAR, OP_MOE, OP_ATTENTION */
+  int dtype; /* weight format: MOEPORT_BF16, _FP16, _Q8, _Q4 (0: none) */
 } MoeportOp;
 
 static int is_quantized(const MoeportOp* op) { return op->dtype == MOEPORT_Q8 || op->dtype == MOEPORT_Q4; }
@@ -202,9 +207,45 @@ static OrtStatus* moe_compute(const MoeportOp* op, OrtKernelContext* ctx) {
   return NULL;
 }
 
+static OrtStatus* attention_compute(const MoeportOp* op, OrtKernelContext* ctx) {
+  void *q, *past, *fresh, *allowed, *scale, *y;
+  int64_t qd[MAX_RANK], pd[MAX_RANK], nd[MAX_RANK], ad[MAX_RANK], sd[MAX_RANK];
+  size_t qr, pr, nr, ar, sr;
+  TRY(input(ctx, 0, &q, qd, &qr));
+  TRY(input(ctx, 1, &past, pd, &pr));
+  TRY(input(ctx, 2, &fresh, nd, &nr));
+  TRY(input(ctx, 3, &allowed, ad, &ar));
+  TRY(input(ctx, 4, &scale, sd, &sr));
+  if (qr != 4 || pr != 3 || nr != 3 || ar != 4 || sr > 1 || (sr == 1 && sd[0] != 1))
+    return fail(op->name, "expects q [B, H, S, D], past [B, P, D], new [B, S, D], allowed [B, 1, S, P + S] and a "
+                          "scalar scale");
+  int64_t b = qd[0], h = qd[1], s = qd[2], d = qd[3], p = pd[1];
+  if (pd[0] != b || pd[2] != d || nd[0] != b || nd[1] != s || nd[2] != d || (ad[0] != b && ad[0] != 1) ||
+      ad[1] != 1 || ad[2] != s || ad[3] != p + s) {
+    char msg[320];
+    snprintf(msg, sizeof msg,
+             "inconsistent shapes: q [%lld, %lld, %lld, %lld], past [%lld, %lld, %lld], new [%lld, %lld, %lld], "
+             "allowed [%lld, %lld, %lld, %lld]",
+             (long long)b, (long long)h, (long long)s, (long long)d, (long long)pd[0], (long long)pd[1],
+             (long long)pd[2], (long long)nd[0], (long long)nd[1], (long long)nd[2], (long long)ad[0],
+             (long long)ad[1], (long long)ad[2], (long long)ad[3]);
+    return fail(op->name, msg);
+  }
+  TRY(output(ctx, qd, 4, &y));
+  if (moeport_latent_attention((const float*)q, b, h, s, d, (const float*)past, p, (const float*)fresh,
+                               (const uint8_t*)allowed, ad[0] == b && b > 1, *(const float*)scale, (float*)y,
+                               ort_parallel_for, ctx))
+    return fail(op->name, "out of memory");
+  return NULL;
+}
+
 static OrtStatus* compute(void* kernel, OrtKernelContext* ctx) {
   const MoeportOp* op = ((Kernel*)kernel)->op;
-  return op->is_moe ? moe_compute(op, ctx) : linear_compute(op, ctx);
+  switch (op->kind) {
+    case OP_MOE: return moe_compute(op, ctx);
+    case OP_ATTENTION: return attention_compute(op, ctx);
+    default: return linear_compute(op, ctx);
+  }
 }
 
 static OrtStatus* create_kernel(const OrtCustomOp* op, const OrtApi* api, const OrtKernelInfo* info, void** out) {
@@ -225,7 +266,8 @@ static const char* op_provider(const OrtCustomOp* op) {
 }
 static size_t op_inputs(const OrtCustomOp* base) {
   const MoeportOp* op = (const MoeportOp*)base;
-  return (op->is_moe ? 5 : 2) + (is_quantized(op) ? (op->is_moe ? 2 : 1) : 0);
+  if (op->kind == OP_ATTENTION) return 5;
+  return (op->kind == OP_MOE ? 5 : 2) + (is_quantized(op) ? (op->kind == OP_MOE ? 2 : 1) : 0);
 }
 static size_t op_outputs(const OrtCustomOp* op) {
   (void)op;
@@ -233,9 +275,10 @@ static size_t op_outputs(const OrtCustomOp* op) {
 }
 static int op_input_type(const OrtCustomOp* base, size_t i) {
   const MoeportOp* op = (const MoeportOp*)base;
-  size_t first = op->is_moe ? 3 : 1; /* inputs before the weights */
+  if (op->kind == OP_ATTENTION) return i == 3 ? ORT_T_BOOL : ORT_T_FLOAT;
+  size_t first = op->kind == OP_MOE ? 3 : 1; /* inputs before the weights */
   static const int moe_types[3] = {ORT_T_FLOAT, ORT_T_INT64, ORT_T_FLOAT};
-  if (i < first) return op->is_moe ? moe_types[i] : ORT_T_FLOAT;
+  if (i < first) return op->kind == OP_MOE ? moe_types[i] : ORT_T_FLOAT;
   if (!is_quantized(op)) return op->dtype;
   return (i - first) % 2 ? ORT_T_FLOAT : ORT_T_UINT8; /* codes, scales[, codes, scales] */
 }
@@ -250,23 +293,24 @@ static int op_required(const OrtCustomOp* op, size_t i) {
   return 0;
 }
 
-#define MOEPORT_OP(NAME, IS_MOE, DTYPE)                                                                       \
+#define MOEPORT_OP(NAME, KIND, DTYPE)                                                                       \
   {                                                                                                           \
     {16,          NULL,          op_name,     op_provider, op_input_type, op_inputs, op_output_type, op_outputs, \
      NULL,        destroy_kernel, op_required, op_required, op_required, NULL,      NULL,          NULL,         \
      NULL,        create_kernel, compute},                                                                    \
-        NAME, IS_MOE, DTYPE                                                                                   \
+        NAME, KIND, DTYPE                                                                                     \
   }
 
 static MoeportOp g_ops[] = {
-    MOEPORT_OP("LinearBf16", 0, ORT_T_BFLOAT16),
-    MOEPORT_OP("LinearFp16", 0, ORT_T_FLOAT16),
-    MOEPORT_OP("MoEBf16", 1, ORT_T_BFLOAT16),
-    MOEPORT_OP("MoEFp16", 1, ORT_T_FLOAT16),
-    MOEPORT_OP("LinearQ8", 0, MOEPORT_Q8),
-    MOEPORT_OP("LinearQ4", 0, MOEPORT_Q4),
-    MOEPORT_OP("MoEQ8", 1, MOEPORT_Q8),
-    MOEPORT_OP("MoEQ4", 1, MOEPORT_Q4),
+    MOEPORT_OP("LinearBf16", OP_LINEAR, ORT_T_BFLOAT16),
+    MOEPORT_OP("LinearFp16", OP_LINEAR, ORT_T_FLOAT16),
+    MOEPORT_OP("MoEBf16", OP_MOE, ORT_T_BFLOAT16),
+    MOEPORT_OP("MoEFp16", OP_MOE, ORT_T_FLOAT16),
+    MOEPORT_OP("LinearQ8", OP_LINEAR, MOEPORT_Q8),
+    MOEPORT_OP("LinearQ4", OP_LINEAR, MOEPORT_Q4),
+    MOEPORT_OP("MoEQ8", OP_MOE, MOEPORT_Q8),
+    MOEPORT_OP("MoEQ4", OP_MOE, MOEPORT_Q4),
+    MOEPORT_OP("LatentAttention", OP_ATTENTION, 0),
 };
 
 MOEPORT_API OrtStatus* RegisterCustomOps(OrtSessionOptions* options, const OrtApiBase* base) {
