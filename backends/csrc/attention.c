@@ -403,14 +403,9 @@ int moeport_latent_attention(const float* q, int64_t batch, int64_t heads, int64
   return j.failed ? -1 : 0;
 }
 
-static void serial_for(void* ctx, void (*fn)(void*, size_t), size_t n, void* data) {
-  (void)ctx;
-  for (size_t i = 0; i < n; i++) fn(data, i);
-}
-
 int moeport_latent_attention_serial(const float* q, int64_t batch, int64_t heads, int64_t seq, int64_t dim,
                                     const float* past, int64_t past_len, const float* fresh, const uint8_t* allowed,
                                     int allowed_batched, float scale, float* out) {
   return moeport_latent_attention(q, batch, heads, seq, dim, past, past_len, fresh, allowed, allowed_batched, scale,
-                                  out, serial_for, NULL);
+                                  out, moeport_serial_for, NULL);
 }

@@ -978,7 +978,7 @@ done:
   return rc;
 }
 
-static void serial_for(void* ctx, void (*fn)(void*, size_t), size_t n, void* data) {
+void moeport_serial_for(void* ctx, void (*fn)(void*, size_t), size_t n, void* data) {
   (void)ctx;
   for (size_t i = 0; i < n; i++) fn(data, i);
 }
@@ -987,7 +987,7 @@ static void serial_for(void* ctx, void (*fn)(void*, size_t), size_t n, void* dat
 int moeport_linear_serial(const float* x, int64_t m, int64_t k, const void* w, const float* scales, int64_t block,
                           int64_t n, float* y, int dtype) {
   MoeportWeights wt = {dtype, (const uint8_t*)w, scales, k, block};
-  return moeport_linear(x, m, &wt, n, y, serial_for, NULL);
+  return moeport_linear(x, m, &wt, n, y, moeport_serial_for, NULL);
 }
 
 int moeport_moe_serial(const float* x, int64_t tokens, int64_t hidden, const int64_t* idx, const float* weights,
@@ -996,5 +996,6 @@ int moeport_moe_serial(const float* x, int64_t tokens, int64_t hidden, const int
                        char* err, size_t err_len) {
   MoeportWeights gu = {dtype, (const uint8_t*)gate_up, gate_up_scales, hidden, block};
   MoeportWeights dn = {dtype, (const uint8_t*)down, down_scales, inter, block};
-  return moeport_moe(x, tokens, hidden, idx, weights, k, &gu, &dn, experts, inter, y, serial_for, NULL, err, err_len);
+  return moeport_moe(x, tokens, hidden, idx, weights, k, &gu, &dn, experts, inter, y, moeport_serial_for, NULL, err,
+                     err_len);
 }

@@ -69,5 +69,6 @@ typedef struct {
 MoeportBuffer moeport_buffer_get(size_t size); /* 64-byte aligned, reused across calls; ptr NULL if out of memory */
 void moeport_buffer_put(MoeportBuffer b);
 int moeport_has_avx512(void); /* the AVX-512 path is in use (cpu support and MOEPORT_KERNELS_ISA) */
+void moeport_serial_for(void* ctx, void (*fn)(void*, size_t), size_t n, void* data); /* a plain loop */
 
 #endif
