@@ -47,7 +47,8 @@ typedef struct {
 static inline int64_t round_up(int64_t v, int64_t m) { return (v + m - 1) / m * m; }
 
 static inline const float* key_row(const AttnJob* j, int64_t b, int64_t t) {
-  return t < j->past_len ? j->past + (b * j->past_len + t) * j->dim : j->fresh + (b * j->seq + t - j->past_len) * j->dim;
+  if (t < j->past_len) return j->past + (b * j->past_len + t) * j->dim;
+  return j->fresh + (b * j->seq + t - j->past_len) * j->dim;
 }
 
 /* ---- portable kernels ------------------------------------------------------------------------- */
