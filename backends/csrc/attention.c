@@ -35,7 +35,7 @@ typedef struct {
   const float *q, *past, *fresh;
   const uint8_t* allowed;
   float* out;
-  float* partial; /* split keys: per item [rows][dp] outputs, then max, sum and any-visible per row */
+  float* partial; /* split keys: per item [prow][dp] outputs, then the running max and sum per row */
   int64_t batch, heads, seq, dim, past_len, keys, dp;
   int64_t qb, nqb, nsplit, allowed_bstride;
   int64_t prow; /* rows of a partial result (those of a full query block) */
@@ -45,6 +45,19 @@ typedef struct {
 } AttnJob;
 
 static inline int64_t round_up(int64_t v, int64_t m) { return (v + m - 1) / m * m; }
+
+/* Work item bq's batch row b, first query position s0 and number of positions. */
+static inline int64_t query_block(const AttnJob* j, int64_t bq, int64_t* b, int64_t* s0) {
+  *b = bq / j->nqb;
+  *s0 = bq % j->nqb * j->qb;
+  return j->seq - *s0 < j->qb ? j->seq - *s0 : j->qb;
+}
+
+/* Offset in q and out of an item's row r: rows are position-major, row r is head r % heads of position
+ * s0 + r / heads. */
+static inline int64_t row_offset(const AttnJob* j, int64_t b, int64_t s0, int64_t r) {
+  return ((b * j->heads + r % j->heads) * j->seq + s0 + r / j->heads) * j->dim;
+}
 
 static inline const float* key_row(const AttnJob* j, int64_t b, int64_t t) {
   if (t < j->past_len) return j->past + (b * j->past_len + t) * j->dim;
@@ -219,18 +232,6 @@ AVX512 static void softmax_avx512(float* st, const uint8_t* rowmask, int64_t nk,
 
 /* ---- work items ------------------------------------------------------------------------------- */
 
-/* A thread's buffer for one item, kept between calls. */
-static float* item_scratch(size_t floats) {
-  static __thread float* buf;
-  static __thread size_t cap;
-  if (floats > cap) {
-    free(buf);
-    buf = (float*)aligned_alloc(64, round_up((int64_t)(floats * sizeof(float)), 64));
-    cap = buf ? floats : 0;
-  }
-  return buf;
-}
-
 /* The mean of all keys of batch row b: what the reference gives a query that sees none. */
 static void mean_of_keys(const AttnJob* j, int64_t b, float* dst) {
   memset(dst, 0, (size_t)j->dim * sizeof(float));
@@ -264,28 +265,26 @@ static void tile_rowmask(const uint32_t* vbits, int64_t g, int64_t rows, int64_t
 
 static void attention_item(void* data, size_t item) {
   AttnJob* j = (AttnJob*)data;
-  int64_t split = (int64_t)item % j->nsplit, bq = (int64_t)item / j->nsplit;
-  int64_t b = bq / j->nqb, s0 = bq % j->nqb * j->qb;
-  int64_t ns = j->seq - s0 < j->qb ? j->seq - s0 : j->qb;
+  int64_t split = (int64_t)item % j->nsplit, b, s0, ns = query_block(j, (int64_t)item / j->nsplit, &b, &s0);
   int64_t rows = j->heads * ns, rp = round_up(rows, RG), dp = j->dp, dim = j->dim;
   int64_t per = (j->keys + j->nsplit - 1) / j->nsplit, k0 = split * per, k1 = k0 + per < j->keys ? k0 + per : j->keys;
 
-  float* scratch = item_scratch((size_t)(2 * rp * dp + rp * KT + 4 * rp));
+  float* scratch = (float*)moeport_thread_scratch(MOEPORT_SCRATCH_ATTENTION,
+                                                  (size_t)(2 * rp * dp + rp * KT + 3 * rp) * sizeof(float));
   if (!scratch) {
     j->failed = 1;
     return;
   }
-  /* rows are position-major: row r is head r % heads of position s0 + r / heads */
+  /* m[r] stays -inf while row r has seen no key */
   float *qs = scratch, *o = qs + rp * dp, *sc = o + rp * dp, *m = sc + rp * KT, *l = m + rp, *alpha = l + rp;
-  float* seen = alpha + rp;
   memset(qs, 0, (size_t)(2 * rp * dp) * sizeof(float));
   for (int64_t r = 0; r < rows; r++) {
-    const float* src = j->q + ((b * j->heads + r % j->heads) * j->seq + s0 + r / j->heads) * dim;
+    const float* src = j->q + row_offset(j, b, s0, r);
     for (int64_t d = 0; d < dim; d++) qs[r * dp + d] = src[d] * j->scale;
   }
   for (int64_t r = 0; r < rp; r++) {
     m[r] = -INFINITY;
-    l[r] = seen[r] = 0.f;
+    l[r] = 0.f;
   }
   const uint8_t* vis0 = j->allowed + b * j->allowed_bstride + s0 * j->keys; /* position s0's row of `allowed` */
   const float* kp[KT];
@@ -315,19 +314,17 @@ static void attention_item(void* data, size_t item) {
     pv_generic(sc, alpha, kp, nk, dim, o, dp, rows);
   }
 
-  for (int64_t r = 0; r < rows; r++) seen[r] = m[r] != -INFINITY;
   if (j->nsplit > 1) { /* partial results, merged by attention_merge */
     int64_t pr = j->prow;
-    float* part = j->partial + (int64_t)item * pr * (dp + 3);
+    float* part = j->partial + (int64_t)item * pr * (dp + 2);
     memcpy(part, o, (size_t)(rows * dp) * sizeof(float));
     memcpy(part + pr * dp, m, (size_t)rows * sizeof(float));
     memcpy(part + pr * dp + pr, l, (size_t)rows * sizeof(float));
-    memcpy(part + pr * dp + 2 * pr, seen, (size_t)rows * sizeof(float));
     return;
   }
   for (int64_t r = 0; r < rows; r++) {
-    float* dst = j->out + ((b * j->heads + r % j->heads) * j->seq + s0 + r / j->heads) * dim;
-    if (!seen[r]) {
+    float* dst = j->out + row_offset(j, b, s0, r);
+    if (m[r] == -INFINITY) {
       mean_of_keys(j, b, dst);
       continue;
     }
@@ -339,16 +336,15 @@ static void attention_item(void* data, size_t item) {
 /* Merges the key ranges' partial results of one (batch row, query block). */
 static void attention_merge(void* data, size_t bq) {
   AttnJob* j = (AttnJob*)data;
-  int64_t b = (int64_t)bq / j->nqb, s0 = (int64_t)bq % j->nqb * j->qb;
-  int64_t ns = j->seq - s0 < j->qb ? j->seq - s0 : j->qb;
-  int64_t rows = j->heads * ns, rp = j->prow, dp = j->dp, dim = j->dim, stride = rp * (dp + 3);
+  int64_t b, s0, ns = query_block(j, (int64_t)bq, &b, &s0);
+  int64_t rows = j->heads * ns, pr = j->prow, dp = j->dp, dim = j->dim, stride = pr * (dp + 2);
   const float* first = j->partial + (int64_t)bq * j->nsplit * stride;
   for (int64_t r = 0; r < rows; r++) {
-    float* dst = j->out + ((b * j->heads + r % j->heads) * j->seq + s0 + r / j->heads) * dim;
-    float mx = -INFINITY;
+    float* dst = j->out + row_offset(j, b, s0, r);
+    float mx = -INFINITY; /* stays -inf if no range saw a key for this row */
     for (int64_t s = 0; s < j->nsplit; s++) {
-      const float* part = first + s * stride;
-      if (part[rp * dp + 2 * rp + r] != 0.f && part[rp * dp + r] > mx) mx = part[rp * dp + r];
+      float ms = first[s * stride + pr * dp + r];
+      if (ms > mx) mx = ms;
     }
     if (mx == -INFINITY) {
       mean_of_keys(j, b, dst);
@@ -358,9 +354,9 @@ static void attention_merge(void* data, size_t bq) {
     memset(dst, 0, (size_t)dim * sizeof(float));
     for (int64_t s = 0; s < j->nsplit; s++) {
       const float* part = first + s * stride;
-      if (part[rp * dp + 2 * rp + r] == 0.f) continue;
-      float w = expf(part[rp * dp + r] - mx);
-      total += w * part[rp * dp + rp + r];
+      if (part[pr * dp + r] == -INFINITY) continue;
+      float w = expf(part[pr * dp + r] - mx);
+      total += w * part[pr * dp + pr + r];
       for (int64_t d = 0; d < dim; d++) dst[d] += w * part[r * dp + d];
     }
     float inv = 1.f / total;
@@ -394,7 +390,7 @@ int moeport_latent_attention(const float* q, int64_t batch, int64_t heads, int64
   j.prow = j.qb * heads;
   MoeportBuffer partial = {NULL, 0};
   if (j.nsplit > 1) {
-    partial = moeport_buffer_get((size_t)(batch * j.nqb * j.nsplit * j.prow * (j.dp + 3)) * sizeof(float));
+    partial = moeport_buffer_get((size_t)(batch * j.nqb * j.nsplit * j.prow * (j.dp + 2)) * sizeof(float));
     if (!partial.ptr) return -1;
     j.partial = (float*)partial.ptr;
   }

@@ -58,9 +58,9 @@ static inline float f16_to_f32(uint16_t h) {
 }
 
 /* A per-thread buffer of at least `bytes`, grown on demand and kept (slot: one buffer per use). */
-static void* thread_scratch(int slot, size_t bytes) {
-  static __thread void* buf[2];
-  static __thread size_t cap[2];
+void* moeport_thread_scratch(int slot, size_t bytes) {
+  static __thread void* buf[MOEPORT_SCRATCH_SLOTS];
+  static __thread size_t cap[MOEPORT_SCRATCH_SLOTS];
   if (bytes > cap[slot]) {
     free(buf[slot]);
     buf[slot] = aligned_alloc(64, (bytes + 63) & ~(size_t)63);
@@ -68,7 +68,6 @@ static void* thread_scratch(int slot, size_t bytes) {
   }
   return buf[slot];
 }
-enum { SCRATCH_ROWS = 0, SCRATCH_TILES = 1 };
 
 /* ---- weight rows -------------------------------------------------------------------------- */
 
@@ -359,7 +358,7 @@ AMX static int amx_gemm(const uint16_t* hi, const uint16_t* lo, int64_t m_rows, 
   int64_t k = w0->k, kb_count = k / 32;
   float c[2][256] __attribute__((aligned(64)));
   int split = quantized(w0->dtype); /* dequantized weights as bf16 hi + lo tiles */
-  uint16_t* wt = (uint16_t*)thread_scratch(SCRATCH_TILES, (size_t)((split ? 64 : 32) * k) * sizeof(uint16_t));
+  uint16_t* wt = (uint16_t*)moeport_thread_scratch(MOEPORT_SCRATCH_TILES, (size_t)((split ? 64 : 32) * k) * sizeof(uint16_t));
   if (!wt) return -1;
   amx_configure();
   for (int64_t n = 0; n < rows32; n += 32) {
@@ -667,7 +666,7 @@ static int gemm(const float* x, int64_t m_rows, int64_t ldx, const uint8_t* pack
   }
 #endif
   /* 4 widened weight rows, zero-padded to a multiple of 16 */
-  float* scratch = (float*)thread_scratch(SCRATCH_ROWS, (size_t)(4 * (((k + 15) & ~(int64_t)15) + 16)) * 4);
+  float* scratch = (float*)moeport_thread_scratch(MOEPORT_SCRATCH_ROWS, (size_t)(4 * (((k + 15) & ~(int64_t)15) + 16)) * 4);
   if (!scratch) return -1;
 #ifdef MOEPORT_X86
   MoeportWeights rest;

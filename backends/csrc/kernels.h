@@ -68,6 +68,10 @@ typedef struct {
 } MoeportBuffer;
 MoeportBuffer moeport_buffer_get(size_t size); /* 64-byte aligned, reused across calls; ptr NULL if out of memory */
 void moeport_buffer_put(MoeportBuffer b);
+/* A per-thread buffer of at least `bytes`, kept for the thread's next call (NULL if out of memory); one
+ * slot per use, so that nested uses never share a buffer. */
+enum { MOEPORT_SCRATCH_ROWS = 0, MOEPORT_SCRATCH_TILES = 1, MOEPORT_SCRATCH_ATTENTION = 2, MOEPORT_SCRATCH_SLOTS = 3 };
+void* moeport_thread_scratch(int slot, size_t bytes);
 int moeport_has_avx512(void); /* the AVX-512 path is in use (cpu support and MOEPORT_KERNELS_ISA) */
 void moeport_serial_for(void* ctx, void (*fn)(void*, size_t), size_t n, void* data); /* a plain loop */
 
