@@ -37,6 +37,18 @@ class BackendError(RuntimeError):
     """A backend is unknown, unavailable, or failed to compile/run an artifact."""
 
 
+def flag(value: Any, name: str, backend: str) -> bool:
+    """A boolean compile option, also as given on the command line (``-o quant_kernels=0``)."""
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("1", "true", "yes", "on"):
+        return True
+    if text in ("0", "false", "no", "off"):
+        return False
+    raise BackendError(f"{backend}: {name} must be true or false, got {value!r}")
+
+
 @dataclass(frozen=True)
 class Availability:
     available: bool

@@ -45,7 +45,7 @@ from onnx import TensorProto, helper, numpy_helper
 from moeport.exporter.manifest import Artifact
 from moeport.exporter.ops import DOMAIN, parse_op_type, top_k_constant
 
-from .base import API_VERSION, Availability, BackendError
+from .base import API_VERSION, Availability, BackendError, flag
 
 MS = "com.microsoft"
 KERNELS_DOMAIN = "ai.moeport.cpu"
@@ -101,7 +101,8 @@ class CpuBackend:
         ours: set[str] = set()
         if not options.get("reference"):
             lib = kernels_library()[0]
-            flags = {k: _flag(options.get(k, True)) for k in ("half_kernels", "quant_kernels", "attention_kernels")}
+            kinds = ("half_kernels", "quant_kernels", "attention_kernels")
+            flags = {k: flag(options.get(k, True), k, "cpu") for k in kinds}
             rewrite_for_ort(
                 model,
                 accuracy_level=int(options.get("accuracy_level", 4)),
@@ -120,15 +121,6 @@ class CpuBackend:
             quant_kernels=any(op.endswith(("Q8", "Q4")) for op in ours),
             attention_kernels="LatentAttention" in ours,
         )
-
-
-def _flag(value: Any) -> bool:
-    """A boolean compile option, also as given on the command line (``-o quant_kernels=0``)."""
-    if isinstance(value, str):
-        if value.lower() not in ("0", "1", "true", "false", "yes", "no", "on", "off"):
-            raise BackendError(f"cpu: expected a boolean (0/1, true/false), got {value!r}")
-        return value.lower() in ("1", "true", "yes", "on")
-    return bool(value)
 
 
 def kernels_library() -> tuple[Path | None, str]:

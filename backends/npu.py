@@ -62,7 +62,7 @@ from moeport.exporter.ops import (
     top_k_constant,
 )
 
-from .base import API_VERSION, Availability, BackendError
+from .base import API_VERSION, Availability, BackendError, flag
 from .cpu import session_options, set_nodes
 
 log = logging.getLogger("moeport.npu")
@@ -125,17 +125,6 @@ def parse_buckets(value: Any) -> tuple[int, ...]:
     return sizes
 
 
-def _flag(value: Any, name: str) -> bool:
-    if isinstance(value, bool):
-        return value
-    text = str(value).strip().lower()
-    if text in ("1", "true", "yes", "on"):
-        return True
-    if text in ("0", "false", "no", "off"):
-        return False
-    raise BackendError(f"npu: {name} must be true or false, got {value!r}")
-
-
 def _int(value: Any, name: str, minimum: int) -> int:
     try:
         number = int(value)
@@ -176,7 +165,7 @@ def settings_from(options: dict[str, Any], artifact: Artifact) -> NpuSettings:
         device_id=_int(options.get("device_id", 0), "device_id", 0),
         npu_mem_limit=None if mem in (None, "", 0, "0") else _int(mem, "npu_mem_limit", 1),
         precision_mode=precision,
-        enable_cann_graph=_flag(options.get("enable_cann_graph", True), "enable_cann_graph"),
+        enable_cann_graph=flag(options.get("enable_cann_graph", True), "enable_cann_graph", "npu"),
     )
 
 
