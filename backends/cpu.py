@@ -45,7 +45,7 @@ from onnx import TensorProto, helper, numpy_helper
 from moeport.exporter.manifest import Artifact
 from moeport.exporter.ops import DOMAIN, parse_op_type, top_k_constant
 
-from .base import API_VERSION, Availability, BackendError, flag
+from .base import API_VERSION, Availability, BackendError, flag, integer
 
 MS = "com.microsoft"
 KERNELS_DOMAIN = "ai.moeport.cpu"
@@ -62,9 +62,15 @@ class OrtProgram:
     """An ONNX Runtime session over the (rewritten) graph."""
 
     def __init__(
-        self, session: Any, half_kernels: bool = False, quant_kernels: bool = False, attention_kernels: bool = False
+        self,
+        session: Any,
+        half_kernels: bool = False,
+        quant_kernels: bool = False,
+        attention_kernels: bool = False,
+        backend: str = "cpu",
     ):
         self.session = session
+        self.backend = backend
         self.half_kernels = half_kernels  # bf16/fp16 weights read as stored by moeport's kernels
         self.quant_kernels = quant_kernels  # int8/int4 weights on moeport's kernels (not MatMulNBits/QMoE)
         self.attention_kernels = attention_kernels  # LatentAttention on moeport's fused kernel
@@ -72,8 +78,16 @@ class OrtProgram:
         self.output_names = [o.name for o in session.get_outputs()]
 
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        outputs = self.session.run(self.output_names, feeds)
+        try:
+            outputs = self.session.run(self.output_names, feeds)
+        except Exception as exc:  # ONNX Runtime's errors, named as the backend's
+            raise BackendError(f"{self.backend}: onnxruntime failed to run a step: {_first_line(exc)}") from exc
         return dict(zip(self.output_names, outputs, strict=True))
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return (text.splitlines()[0] if text else type(exc).__name__)[:500]
 
 
 class CpuBackend:
@@ -81,6 +95,13 @@ class CpuBackend:
     description = "ONNX Runtime, CPU execution provider (moeport's bf16/int8/int4 kernels, fused MoE kernels)"
     priority = 10
     api_version = API_VERSION
+    options = {
+        "reference": "keep moeport's operators as their reference ONNX bodies (for checking)",
+        "half_kernels": "bf16/fp16 weights on moeport's kernels (default true where built)",
+        "quant_kernels": "int8/int4 weights on moeport's kernels (default true where built)",
+        "attention_kernels": "fused MLA attention kernel (default true where built)",
+        "accuracy_level": "ONNX Runtime's MatMulNBits/QMoE accuracy level 0-4 (default 4)",
+    }
 
     def availability(self) -> Availability:
         try:
@@ -97,15 +118,16 @@ class CpuBackend:
         import onnxruntime as ort
 
         so = session_options(options.get("threads"), artifact.directory)
-        model = onnx.load(str(artifact.graph_path), load_external_data=False)
+        model = artifact.load_graph()  # parsed from the verified file, I/O and external data checked
         ours: set[str] = set()
-        if not options.get("reference"):
+        accuracy = integer(options.get("accuracy_level", 4), "accuracy_level", "cpu", 0, 4)
+        if not flag(options.get("reference", False), "reference", "cpu"):
             lib = kernels_library()[0]
             kinds = ("half_kernels", "quant_kernels", "attention_kernels")
             flags = {k: flag(options.get(k, True), k, "cpu") for k in kinds}
             rewrite_for_ort(
                 model,
-                accuracy_level=int(options.get("accuracy_level", 4)),
+                accuracy_level=accuracy,
                 **{k: lib is not None and v for k, v in flags.items()},
             )
             ours = {n.op_type for n in model.graph.node if n.domain == KERNELS_DOMAIN}
@@ -114,7 +136,8 @@ class CpuBackend:
         try:
             session = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
         except Exception as exc:
-            raise BackendError(f"cpu: onnxruntime could not load {artifact.graph_path}: {exc}") from exc
+            raise BackendError(f"cpu: onnxruntime could not load {artifact.graph_path}: {_first_line(exc)}") from exc
+        artifact.check_unchanged(*artifact.external_files)  # ONNX Runtime opened these by path
         return OrtProgram(
             session,
             half_kernels=any(op.endswith(("Bf16", "Fp16")) for op in ours),

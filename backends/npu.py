@@ -52,7 +52,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from moeport.exporter.manifest import Artifact, sha256_file
+from moeport.exporter.manifest import Artifact, ArtifactError, VerifiedFiles, sha256_file
 from moeport.exporter.ops import (
     DOMAIN,
     dequantize_blocks,
@@ -62,6 +62,7 @@ from moeport.exporter.ops import (
     top_k_constant,
 )
 
+from . import trust
 from .base import API_VERSION, Availability, BackendError, flag
 from .cpu import session_options, set_nodes
 
@@ -189,8 +190,8 @@ class _Weights:
 
     LAZY = "moeport-lazy"
 
-    def __init__(self, directory: Path):
-        self.directory = directory
+    def __init__(self, artifact: Artifact):
+        self.artifact = artifact
         self.make: dict[str, Any] = {}
 
     def lazy(self, t: TensorProto) -> bool:
@@ -211,19 +212,25 @@ class _Weights:
     def array(self, t: TensorProto) -> np.ndarray:
         if self.lazy(t):
             return self.make[t.name]()
-        return numpy_helper.to_array(t, base_dir=str(self.directory))
+        if t.data_location == TensorProto.EXTERNAL:  # the bytes of the artifact's verified weights file
+            inline = TensorProto()
+            inline.CopyFrom(t)
+            self._inline(inline)
+            return numpy_helper.to_array(inline)
+        return numpy_helper.to_array(t)
+
+    def _inline(self, t: TensorProto) -> None:
+        t.raw_data = bytes(self.artifact.external_data(t))
+        t.data_location = TensorProto.DEFAULT
+        del t.external_data[:]
 
     def adopt(self, model: onnx.ModelProto) -> None:
         """The artifact's initializers: small ones read inline, large ones become lazy placeholders."""
-        from onnx.external_data_helper import load_external_data_for_tensor
-
         for t in model.graph.initializer:
             if t.data_location != TensorProto.EXTERNAL or self.lazy(t):
                 continue
             if int(np.prod(t.dims)) <= SMALL_TENSOR:
-                load_external_data_for_tensor(t, str(self.directory))
-                t.data_location = TensorProto.DEFAULT
-                del t.external_data[:]
+                self._inline(t)
             else:
                 source = TensorProto()
                 source.CopyFrom(t)
@@ -539,8 +546,8 @@ def specialize(
     import onnx.inliner
     import onnxscript.optimizer
 
-    weights = weights or _Weights(Path(artifact.directory))
-    model = onnx.load(str(artifact.graph_path), load_external_data=False)
+    weights = weights or _Weights(artifact)
+    model = artifact.load_graph()
     weights.adopt(model)
     _lower_moeport_ops(model, tokens, weights)
     _pin_inputs(model, tokens, capacity, int(artifact.cache["dim"]))
@@ -681,27 +688,57 @@ def _write_graphs(directory: Path, graphs: dict[str, onnx.ModelProto], weights: 
             onnx.save(model, str(directory / f"{name}.onnx"))
 
 
+def _cached_set(artifact: Artifact, cache_dir: Path, key: str, trust_compiled: bool) -> VerifiedFiles | None:
+    """The graph set cached in ``cache_dir`` with its files opened and verified against its meta.json, if that
+    meta.json is one this machine wrote (or the manifest lists it, or the user trusts compiled files)."""
+    rel = cache_dir.relative_to(artifact.directory).as_posix() + "/meta.json"
+    try:
+        opened = trust.open_compiled(artifact, rel)
+    except (OSError, BackendError):
+        return None
+    try:
+        listed = artifact.manifest.get("compiled", {}).get(rel)
+        known = trust.built_here(opened.sha256) or (isinstance(listed, dict) and listed.get("sha256") == opened.sha256)
+        if not (known or trust_compiled):
+            log.warning("npu: %s was not built on this machine; rebuilding", cache_dir)
+            return None
+        meta = json.loads(opened.read())
+    except (ValueError, RecursionError):
+        return None
+    finally:
+        os.close(opened.fd)
+    files = meta.get("files") if isinstance(meta, dict) else None
+    if meta.get("key") != key or not isinstance(files, dict) or not all(isinstance(v, str) for v in files.values()):
+        return None
+    graph_set = VerifiedFiles(cache_dir, {name: {"sha256": sha} for name, sha in files.items()}, "meta.json")
+    try:
+        graph_set.verify(use_cache=False)
+    except ArtifactError:
+        graph_set.close()
+        return None
+    return graph_set
+
+
 def build_graphs(
-    artifact: Artifact, settings: NpuSettings, coverage: dict[str, Any], progress: bool = True
-) -> tuple[Path, bool]:
-    """Specialize, check and cache the graph set: (its directory, whether an earlier build was reused)."""
+    artifact: Artifact,
+    settings: NpuSettings,
+    coverage: dict[str, Any],
+    progress: bool = True,
+    trust_compiled: bool = False,
+) -> tuple[VerifiedFiles, bool]:
+    """Specialize, check and cache the graph set: (its files, opened and verified; whether an earlier build
+    was reused)."""
     key = _cache_key(artifact, settings)
     cache_dir = Path(artifact.directory) / "compiled" / f"npu-{key}"
-    meta_path = cache_dir / "meta.json"
     names = _graph_names(settings)
-    if meta_path.is_file():
-        try:
-            meta = json.loads(meta_path.read_text())
-            if meta.get("key") == key and all(
-                sha256_file(cache_dir / f) == sha for f, sha in meta.get("files", {}).items()
-            ):
-                return cache_dir, True
-        except (OSError, ValueError):
-            pass
-        log.warning("npu: cached graphs in %s are damaged or stale; rebuilding", cache_dir)
+    if (cache_dir / "meta.json").is_file():
+        reused = _cached_set(artifact, cache_dir, key, trust_compiled)
+        if reused is not None:
+            return reused, True
+        log.warning("npu: cached graphs in %s are damaged, stale or not built here; rebuilding", cache_dir)
     start = time.perf_counter()
     graphs = {}
-    weights = _Weights(Path(artifact.directory))
+    weights = _Weights(artifact)
     for name, tokens in names.items():
         if progress:
             print(
@@ -727,13 +764,16 @@ def build_graphs(
             "build_seconds": round(time.perf_counter() - start, 3),
         }
         (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
+        trust.record_built(sha256_file(tmp / "meta.json"))  # built here: later loads may reuse it
         if cache_dir.exists():
             shutil.rmtree(cache_dir, ignore_errors=True)
         os.replace(tmp, cache_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return cache_dir, False
+    graph_set = VerifiedFiles(cache_dir, {name: {"sha256": sha} for name, sha in files.items()}, "meta.json")
+    graph_set.verify(use_cache=False)
+    return graph_set, False
 
 
 # --------------------------------------------------------------------------------------------------
@@ -791,8 +831,9 @@ class NpuProgram:
     of that dtype; each step receives the whole buffers and the mask saying which rows are valid.
     """
 
-    def __init__(self, directory: Path, settings: NpuSettings, make_session, output_names: list[str]):
-        self.directory = directory
+    def __init__(self, graph_set: VerifiedFiles, settings: NpuSettings, make_session, output_names: list[str]):
+        self.graph_set = graph_set
+        self.directory = graph_set.directory
         self.settings = settings
         self.cache_capacity = settings.capacity
         self.cache_dtype = np.dtype(np.float16) if settings.dtype == "float16" else np.dtype(np.float32)
@@ -807,7 +848,7 @@ class NpuProgram:
 
     def session(self, name: str):
         if name not in self._sessions:
-            self._sessions[name] = self._make_session(self.directory / f"{name}.onnx")
+            self._sessions[name] = self._make_session(f"{name}.onnx")
         return self._sessions[name]
 
     def _graph_for(self, n: int) -> tuple[str, int]:
@@ -883,18 +924,34 @@ class NpuProgram:
 
 class _NpuBase:
     api_version = API_VERSION
+    options = {
+        "buckets": "prefill bucket sizes, increasing (default 32,128,512)",
+        "cache_capacity": "rows of the fixed-capacity latent cache (default: the max sequence length)",
+        "dtype": "compute dtype: float16 or bfloat16",
+        "device_id": "the Ascend device (npu)",
+        "npu_mem_limit": "CANN memory arena limit in bytes (npu)",
+        "precision_mode": "CANN precision mode (npu)",
+        "enable_cann_graph": "whole graphs on CANN's graph engine (npu, default true)",
+        "coverage": "a cann_ops.json operator coverage file to check the graphs against",
+    }
 
     def _compile(self, artifact: Artifact, options: dict[str, Any], make_session_for) -> NpuProgram:
         settings = settings_from(options, artifact)
         coverage = load_coverage(options.get("coverage"))
-        directory, reused = build_graphs(artifact, settings, coverage, progress=bool(options.get("progress", True)))
-        meta = json.loads((directory / "meta.json").read_text())
-        decode = onnx.load(str(directory / "decode.onnx"), load_external_data=False)
+        graph_set, reused = build_graphs(
+            artifact,
+            settings,
+            coverage,
+            progress=flag(options.get("progress", True), "progress", self.name),
+            trust_compiled=flag(options.get("trust_compiled", False), "trust_compiled", self.name),
+        )
+        meta = graph_set.read_json("meta.json") if "meta.json" in graph_set.listing else {}
+        decode = onnx.load_model_from_string(graph_set.read_bytes("decode.onnx"))
         outputs = [o.name for o in decode.graph.output]
-        program = NpuProgram(directory, settings, make_session_for(settings, directory), outputs)
-        program.build_seconds = meta.get("build_seconds", 0.0)
+        program = NpuProgram(graph_set, settings, make_session_for(settings, graph_set), outputs)
+        program.build_seconds = meta.get("build_seconds", 0.0) if isinstance(meta, dict) else 0.0
         program.cache_hit = reused
-        program.library = directory  # shown by `moeport compile`
+        program.library = graph_set.directory  # shown by `moeport compile`
         return program
 
 
@@ -915,14 +972,14 @@ class NpuSimBackend(_NpuBase):
         threads = options.get("threads")
         emulated: set[str] = set()
         shared: dict[str, Any] = {}
-        mapped: list[np.memmap] = []
+        mapped: list[np.ndarray] = []
 
-        def shared_weights(model: onnx.ModelProto, directory: Path) -> dict[str, Any]:
+        def shared_weights(model: onnx.ModelProto, graph_set: VerifiedFiles) -> dict[str, Any]:
             """OrtValues over the memory-mapped weights.bin for the graph's initializers stored there."""
             import onnxruntime as ort
 
             if not mapped:
-                mapped.append(np.memmap(directory / "weights.bin", dtype=np.uint8, mode="r"))
+                mapped.append(np.frombuffer(graph_set.map("weights.bin"), dtype=np.uint8))
             out = {}
             for t in model.graph.initializer:
                 info = {e.key: e.value for e in t.external_data}
@@ -942,15 +999,15 @@ class NpuSimBackend(_NpuBase):
                 out[t.name] = shared[t.name]
             return out
 
-        def make_session_for(settings: NpuSettings, directory: Path):
+        def make_session_for(settings: NpuSettings, graph_set: VerifiedFiles):
             half = _HALF[settings.dtype]
 
-            def make(path: Path):
+            def make(path: str):
                 import onnxruntime as ort
 
-                model = onnx.load(str(path), load_external_data=False)
-                so = session_options(threads, directory, "ORT_ENABLE_BASIC")
-                for name, value in shared_weights(model, directory).items():
+                model = onnx.load_model_from_string(graph_set.read_bytes(path))
+                so = session_options(threads, graph_set.directory, "ORT_ENABLE_BASIC")
+                for name, value in shared_weights(model, graph_set).items():
                     so.add_initializer(name, value)  # one memory-mapped copy for every graph's session
                 for _ in range(64):  # ops without a half-precision CPU kernel run in float32 between casts
                     if emulated:
@@ -960,10 +1017,10 @@ class NpuSimBackend(_NpuBase):
                     except Exception as exc:
                         m = _MISSING_KERNEL.search(str(exc))
                         if not m or m.group(1) in emulated:
-                            raise BackendError(f"npu-sim: onnxruntime could not load {path.name}: {exc}") from exc
+                            raise BackendError(f"npu-sim: onnxruntime could not load {path}: {exc}") from exc
                         emulated.add(m.group(1))
-                        model = onnx.load(str(path), load_external_data=False)
-                raise BackendError(f"npu-sim: could not find CPU kernels for {path.name}")
+                        model = onnx.load_model_from_string(graph_set.read_bytes(path))
+                raise BackendError(f"npu-sim: could not find CPU kernels for {path}")
 
             return make
 
@@ -1007,8 +1064,8 @@ class NpuBackend(_NpuBase):
         if not status.available:
             raise BackendError(f"npu: {status.reason}")
 
-        def make_session_for(settings: NpuSettings, directory: Path):
-            def make(path: Path):
+        def make_session_for(settings: NpuSettings, graph_set: VerifiedFiles):
+            def make(path: str):
                 import onnxruntime as ort
 
                 cann = {
@@ -1020,13 +1077,15 @@ class NpuBackend(_NpuBase):
                 if settings.npu_mem_limit:
                     cann["npu_mem_limit"] = str(settings.npu_mem_limit)
                 try:
-                    return ort.InferenceSession(
-                        str(path),
-                        session_options(options.get("threads"), directory, "ORT_ENABLE_BASIC"),
+                    session = ort.InferenceSession(
+                        graph_set.read_bytes(path),
+                        session_options(options.get("threads"), graph_set.directory, "ORT_ENABLE_BASIC"),
                         providers=[("CANNExecutionProvider", cann), "CPUExecutionProvider"],
                     )
                 except Exception as exc:
-                    raise BackendError(f"npu: the CANN execution provider could not load {path.name}: {exc}") from exc
+                    raise BackendError(f"npu: the CANN execution provider could not load {path}: {exc}") from exc
+                graph_set.check_unchanged("weights.bin")  # ONNX Runtime opened it by path
+                return session
 
             return make
 

@@ -31,7 +31,7 @@ import onnx.inliner
 from moeport.exporter.manifest import Artifact
 from moeport.exporter.ops import DOMAIN
 
-from .base import API_VERSION, Availability, BackendError
+from .base import API_VERSION, Availability, BackendError, flag, integer
 from .cpu import OrtProgram, rewrite_for_ort
 
 EXTRA = "pip uninstall onnxruntime, then pip install 'moeport[nvidia]'"
@@ -85,6 +85,13 @@ class NvidiaBackend:
     description = "ONNX Runtime, CUDA execution provider (MatMulNBits, fused MoE kernels)"
     priority = 20
     api_version = API_VERSION
+    options = {
+        "reference": "keep moeport's operators as their reference ONNX bodies",
+        "moe_kernels": "MoE kernels: auto, fused or reference",
+        "device_id": "CUDA device (default 0)",
+        "tf32": "allow TF32 matmuls (default false)",
+        "cpu_fallback": "let ONNX Runtime run unsupported nodes on the CPU (default true)",
+    }
 
     def availability(self) -> Availability:
         count, no_device = cuda_devices()
@@ -111,21 +118,24 @@ class NvidiaBackend:
                 ort.preload_dlls()
             except Exception:
                 pass
-        model = onnx.load(str(artifact.graph_path), load_external_data=False)
-        if not options.get("reference"):
+        model = artifact.load_graph()  # parsed from the verified file, I/O and external data checked
+        if not flag(options.get("reference", False), "reference", "nvidia"):
             model = prepare_for_cuda(model, str(options.get("moe_kernels", "auto")))
         # TF32 matmuls would round float32 activations to 10-bit mantissas: off unless asked for
-        cuda_options = {"device_id": int(options.get("device_id", 0)), "use_tf32": int(bool(options.get("tf32")))}
+        cuda_options = {
+            "device_id": integer(options.get("device_id", 0), "device_id", "nvidia", 0, 1024),
+            "use_tf32": int(flag(options.get("tf32", False), "tf32", "nvidia")),
+        }
         cuda = ("CUDAExecutionProvider", cuda_options)
         try:
-            session = session_for(
-                artifact, model, [cuda, "CPUExecutionProvider"], bool(options.get("cpu_fallback", True))
-            )
+            fallback = flag(options.get("cpu_fallback", True), "cpu_fallback", "nvidia")
+            session = session_for(artifact, model, [cuda, "CPUExecutionProvider"], fallback)
         except Exception as exc:
             raise BackendError(f"nvidia: onnxruntime could not load {artifact.graph_path}: {exc}") from exc
+        artifact.check_unchanged(*artifact.external_files)  # ONNX Runtime opened these by path
         if session.get_providers()[0] != "CUDAExecutionProvider":  # ORT falls back silently when CUDA fails
             raise BackendError(
                 "nvidia: ONNX Runtime could not start its CUDA execution provider (CUDA 12 / cuDNN 9 libraries "
                 "missing? pip install 'onnxruntime-gpu[cuda,cudnn]')"
             )
-        return OrtProgram(session)
+        return OrtProgram(session, backend="nvidia")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import threading
 import time
 from collections.abc import Iterator, Sequence
@@ -11,8 +10,8 @@ from typing import Any
 
 import numpy as np
 
-from moeport.backends.base import Backend, Program, best_backend, get_backend
-from moeport.exporter.manifest import Artifact, read_artifact
+from moeport.backends.base import Backend, Program, best_backend, check_options, get_backend
+from moeport.exporter.manifest import Artifact, ArtifactError, read_artifact
 
 from .cache import LatentCache
 from .generate import BatchGenerator, Completion, GenerationError, Request
@@ -33,9 +32,10 @@ def load(
     ``verify`` checks every file's sha256 against the manifest first. Backend ``options`` (e.g.
     ``threads``) are passed to the backend's compile step.
     """
-    artifact = read_artifact(artifact_dir, verify=verify)
     if isinstance(backend, str):
         backend = best_backend() if backend == "auto" else get_backend(backend)
+    options = check_options(backend, options)  # before anything is read: a typo fails fast
+    artifact = read_artifact(artifact_dir, verify=verify)
     start = time.perf_counter()
     program = backend.compile(artifact, options)
     return Model(artifact, program, backend.name, time.perf_counter() - start)
@@ -62,32 +62,48 @@ class Model:
         self.latent_dim: int = cache["dim"]
         self._cache_in = [cache["input"].format(i=i) for i in range(self.num_layers)]
         self._cache_out = [cache["output"].format(i=i) for i in range(self.num_layers)]
+        self.generation_config = self._side_json("generation_config.json")
         self.eos_token_ids: tuple[int, ...] = self._eos_ids()
-        self.generation_defaults = generation_defaults(artifact.file("generation_config.json"))
+        self.generation_defaults = generation_defaults(
+            self.generation_config, str(artifact.directory / "generation_config.json")
+        )
         self._tokenizer: Tokenizer | None = None
         self._tokenizer_loaded = False
         self._tokenizer_lock = threading.Lock()
 
+    def _side_json(self, name: str) -> dict[str, Any]:
+        """A JSON side file of the artifact (read from its verified file), or {} when it has none."""
+        if not self.artifact.has(name):
+            return {}
+        data = self.artifact.read_json(name)
+        if not isinstance(data, dict):
+            raise ArtifactError(f"{self.artifact.directory / name}: expected a JSON object")
+        return data
+
     def _eos_ids(self) -> tuple[int, ...]:
-        path = self.artifact.file("generation_config.json")
-        if path is not None:
-            try:
-                eos = json.loads(path.read_text()).get("eos_token_id")
-                if eos is not None:
-                    return tuple(eos) if isinstance(eos, list) else (int(eos),)
-            except (OSError, ValueError):
-                pass
-        return tuple(self.config.eos_token_ids)
+        eos = self.generation_config.get("eos_token_id")
+        if eos is None:
+            return tuple(self.config.eos_token_ids)
+        ids = eos if isinstance(eos, list) else [eos]
+        if not all(isinstance(i, int) and not isinstance(i, bool) and 0 <= i < self.vocab_size for i in ids):
+            raise ArtifactError(
+                f"{self.artifact.directory / 'generation_config.json'}: eos_token_id {eos!r:.60} must be token ids "
+                f"in 0..{self.vocab_size - 1}"
+            )
+        return tuple(ids)
 
     @property
     def tokenizer(self) -> Tokenizer | None:
         """The artifact's tokenizer (tokenizer.json + tokenizer_config.json), or None without one."""
         with self._tokenizer_lock:
             if not self._tokenizer_loaded:
-                path = self.artifact.file("tokenizer.json")
-                if path is not None:
-                    self._tokenizer = Tokenizer(
-                        path, self.artifact.file("tokenizer_config.json"), self.artifact.file("chat_template.jinja")
+                art = self.artifact
+                if art.has("tokenizer.json"):  # every file read from its verified descriptor
+                    self._tokenizer = Tokenizer.from_texts(
+                        art.read_text("tokenizer.json"),
+                        art.read_text("tokenizer_config.json") if art.has("tokenizer_config.json") else None,
+                        art.read_text("chat_template.jinja") if art.has("chat_template.jinja") else None,
+                        source=str(art.directory),
                     )
                 self._tokenizer_loaded = True
         return self._tokenizer

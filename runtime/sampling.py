@@ -80,22 +80,30 @@ class SamplingParams:
     def from_generation_config(cls, path: Path | None, **overrides: Any) -> SamplingParams:
         """Defaults from a ``generation_config.json`` (temperature, top_k, top_p, min_p,
         repetition_penalty, max_new_tokens, do_sample), then explicit ``overrides`` (None = default)."""
-        return cls().with_defaults(generation_defaults(path), **overrides)
+        gen: dict[str, Any] = {}
+        if path is not None and Path(path).is_file():
+            try:
+                gen = json.loads(Path(path).read_text())
+            except (OSError, ValueError) as exc:
+                raise SamplingError(f"{path}: not valid JSON ({exc})") from exc
+        return cls().with_defaults(generation_defaults(gen, str(path)), **overrides)
 
 
-def generation_defaults(path: Path | None) -> dict[str, Any]:
-    if path is None or not Path(path).is_file():
-        return {}
-    try:
-        gen = json.loads(Path(path).read_text())
-    except (OSError, ValueError):
-        return {}
+def generation_defaults(gen: dict[str, Any], source: str = "generation_config.json") -> dict[str, Any]:
+    """The sampling defaults a ``generation_config.json`` (already parsed) gives; a value out of range
+    is refused with an error naming the file."""
+    if not isinstance(gen, dict):
+        raise SamplingError(f"{source}: expected a JSON object")
     out: dict[str, Any] = {}
     for key in ("temperature", "top_k", "top_p", "min_p", "repetition_penalty", "max_new_tokens"):
         if gen.get(key) is not None:
             out[key] = gen[key]
     if gen.get("do_sample") is False or "do_sample" not in gen:
         out["temperature"] = 0.0  # transformers samples only when do_sample is true
+    try:
+        SamplingParams(**out)
+    except (SamplingError, TypeError) as exc:
+        raise SamplingError(f"{source}: {exc}") from exc
     return out
 
 

@@ -72,31 +72,61 @@ class Tokenizer:
     """``tokenizer.json`` through the ``tokenizers`` library, plus ``tokenizer_config.json`` facts."""
 
     def __init__(self, tokenizer_json: Path, tokenizer_config: Path | None = None, template_file: Path | None = None):
+        def text(path: Path | None) -> str | None:
+            if path is None or not Path(path).is_file():
+                return None
+            try:
+                return Path(path).read_text()
+            except (OSError, UnicodeDecodeError) as exc:
+                raise TextError(f"{path}: cannot read ({exc})") from exc
+
+        tok = text(tokenizer_json)
+        if tok is None:
+            raise TextError(f"{tokenizer_json}: cannot load tokenizer (no such file)")
+        self._setup(tok, text(tokenizer_config), text(template_file), str(Path(tokenizer_json).parent))
+
+    @classmethod
+    def from_texts(
+        cls,
+        tokenizer_json: str,
+        tokenizer_config: str | None = None,
+        chat_template: str | None = None,
+        source: str = "",
+    ) -> Tokenizer:
+        """A tokenizer from the contents of ``tokenizer.json``, ``tokenizer_config.json`` and
+        ``chat_template.jinja`` (as an artifact reads them from its verified files)."""
+        self = cls.__new__(cls)
+        self._setup(tokenizer_json, tokenizer_config, chat_template, source)
+        return self
+
+    def _setup(self, tok: str, config: str | None, template: str | None, source: str) -> None:
         from tokenizers import Tokenizer as HFTokenizer
 
         try:
-            self._tok = HFTokenizer.from_file(str(tokenizer_json))
+            self._tok = HFTokenizer.from_str(tok)
         except Exception as exc:
-            raise TextError(f"{tokenizer_json}: cannot load tokenizer ({exc})") from exc
-        cfg: dict[str, Any] = {}
-        if tokenizer_config is not None and tokenizer_config.is_file():
+            raise TextError(f"{source}/tokenizer.json: cannot load tokenizer ({exc})") from exc
+        cfg: Any = {}
+        if config is not None:
             try:
-                cfg = json.loads(tokenizer_config.read_text())
-            except ValueError as exc:
-                raise TextError(f"{tokenizer_config}: not valid JSON ({exc})") from exc
+                cfg = json.loads(config)
+            except (ValueError, RecursionError) as exc:
+                raise TextError(f"{source}/tokenizer_config.json: not valid JSON ({exc})") from exc
+            if not isinstance(cfg, dict):
+                raise TextError(f"{source}/tokenizer_config.json: expected a JSON object")
         self.config = cfg
         self.bos_token = _token_text(cfg.get("bos_token"))
         self.eos_token = _token_text(cfg.get("eos_token"))
         self.add_bos_token = bool(cfg.get("add_bos_token", False))
-        source = None
-        if template_file is not None and template_file.is_file():
-            source = template_file.read_text()
+        source_text = None
+        if template is not None:
+            source_text = template
         elif isinstance(cfg.get("chat_template"), str):
-            source = cfg["chat_template"]
+            source_text = cfg["chat_template"]
         elif isinstance(cfg.get("chat_template"), list):  # [{"name": "default", "template": ...}, ...]
             named = {t.get("name"): t.get("template") for t in cfg["chat_template"] if isinstance(t, dict)}
-            source = named.get("default")
-        self.chat_template = ChatTemplate(source, self.bos_token, self.eos_token) if source else None
+            source_text = named.get("default") if isinstance(named.get("default"), str) else None
+        self.chat_template = ChatTemplate(source_text, self.bos_token, self.eos_token) if source_text else None
 
     @property
     def vocab_size(self) -> int:
