@@ -13,10 +13,10 @@ to a temporary directory and renamed into place) and loaded with ``tvm.runtime.l
 loads. Options: ``target`` (default ``llvm``), ``cache`` (default True), ``rebuild`` (force),
 ``threads`` (TVM's thread pool; default every core).
 
-A compiled library is native code: a cached one is loaded only if its sha256 is one this machine
-recorded when it built it (``~/.cache/moeport/trusted-libraries.json``); a library found in an
-artifact from elsewhere is never loaded, it is rebuilt. (Shipping prebuilt libraries with their
-checksums in the manifest, for runtime-only deployment, is issue D's next step.)
+A compiled library is native code: a cached one is loaded only if this machine built it, a key the
+user trusts signed it, or the user passed ``trust_compiled`` (``--trust-compiled``) — see
+``backends/trust.py``; anything else is rebuilt (or, without TVM's compiler, refused by name). It is
+loaded from the same descriptor it was hashed from.
 """
 
 from __future__ import annotations
@@ -38,17 +38,12 @@ import onnx.external_data_helper
 import onnx.inliner
 from onnx import helper, numpy_helper
 
-from moeport.exporter.manifest import (
-    MANIFEST,
-    Artifact,
-    read_json_or,
-    sha256_file,
-    user_cache_file,
-    write_json_best_effort,
-)
+from moeport.exporter.manifest import MANIFEST, Artifact, sha256_file
 from moeport.exporter.ops import parse_op_type
+from moeport.models.paths import UnsafePathError, open_inside
 
-from .base import API_VERSION, Availability, BackendError
+from . import trust
+from .base import API_VERSION, Availability, BackendError, flag
 from .tvm_target import TargetError, canonical, cross_linker, host_arch, is_cross, parse_target, target_arch
 
 _PREP_VERSION = 3  # bump when the graph rewrites below change (invalidates cached libraries)
@@ -776,46 +771,40 @@ def _dir_key(base: str, target: dict[str, Any]) -> str:
     return hashlib.sha256(f"{base}|{canonical(target)}".encode()).hexdigest()[:16]
 
 
-_TRUSTED = "trusted-libraries.json"
-SHIPPED = "compiled"  # manifest section: libraries `moeport compile` built and vouches for, by relative path
-
-
-def _trusted() -> set[str]:
-    return set(read_json_or(user_cache_file(_TRUSTED), []))
-
-
-def _trust(lib: Path) -> None:
-    """Record a library this process built, so later loads may use it (without a writable cache the
-    library is simply rebuilt next time)."""
-    write_json_best_effort(user_cache_file(_TRUSTED), sorted(_trusted() | {sha256_file(lib)}))
+SHIPPED = "compiled"  # manifest section: an inventory of the libraries `moeport compile` built (not a trust)
+MAX_META_BYTES = 1 << 20
 
 
 def _rel(artifact: Artifact, path: Path) -> str:
     return path.relative_to(artifact.directory).as_posix()
 
 
-def _untrusted(artifact: Artifact, lib: Path) -> str | None:
-    """Why ``lib`` may not be loaded, or None: native code is loaded only if the artifact's manifest
-    lists its sha256 (``moeport compile`` does) or this machine built it."""
-    sha = sha256_file(lib)
-    entry = artifact.manifest.get(SHIPPED, {}).get(_rel(artifact, lib))
-    listed = isinstance(entry, dict) and entry.get("sha256") == sha
-    if listed or sha in _trusted():
+def _read_meta(artifact: Artifact, d: Path) -> dict[str, Any] | None:
+    """A build's meta.json, read through the path resolver (it comes with the artifact: untrusted data)."""
+    try:
+        fd, st = open_inside(artifact.directory, _rel(artifact, d / "meta.json"), "compiled meta.json")
+    except (OSError, UnsafePathError):
         return None
-    if isinstance(entry, dict):
-        return f"its sha256 does not match the one {MANIFEST} lists (modified or damaged)"
-    return f"its sha256 is not listed in {MANIFEST} and this machine did not build it"
+    try:
+        if st.st_size > MAX_META_BYTES:
+            return None
+        meta = json.loads(os.pread(fd, st.st_size, 0))
+    except (ValueError, RecursionError):
+        return None
+    finally:
+        os.close(fd)
+    return meta if isinstance(meta, dict) else None
 
 
-def _ship(artifact: Artifact, lib: Path, meta: dict[str, Any]) -> None:
-    """List ``lib`` and its sha256 in the manifest, so copies of the artifact may load it without a rebuild."""
+def _ship(artifact: Artifact, lib: Path, meta: dict[str, Any], sha: str) -> None:
+    """List ``lib`` in the manifest's inventory of compiled libraries (path, sha256, target)."""
     path = artifact.directory / MANIFEST
     manifest = json.loads(path.read_text())
     shipped = {k: v for k, v in manifest.get(SHIPPED, {}).items() if (artifact.directory / k).is_file()}
     shipped[_rel(artifact, lib)] = {
-        "sha256": sha256_file(lib),
+        "sha256": sha,
         "size": lib.stat().st_size,
-        **{k: meta[k] for k in ("target", "arch", "tvm")},
+        **{k: str(meta.get(k)) for k in ("target", "arch", "tvm")},
     }
     manifest[SHIPPED] = shipped
     tmp = path.with_name(f".{MANIFEST}.tmp{os.getpid()}")
@@ -887,6 +876,13 @@ class TvmBackend:
     description = "Apache TVM Relax, compiled for CPUs (llvm, cross-compiles); TIR kernels for MoE/QMoE/QLinear"
     priority = 5
     api_version = API_VERSION
+    options = {
+        "target": "TVM target, e.g. llvm or 'llvm -mtriple=aarch64-linux-gnu -mattr=+neon' (default llvm, this CPU)",
+        "cache": "keep the built library in ARTIFACT/compiled/ (default true)",
+        "rebuild": "build even if a usable library is cached",
+        "ship": "list the library in the manifest's inventory (moeport compile does)",
+        "sign_key": "sign the library with this Ed25519 private key file",
+    }
 
     def availability(self) -> Availability:
         try:
@@ -913,8 +909,9 @@ class TvmBackend:
         compiler = _compiler_available(tvm)
         if compiler:
             target = _for_this_cpu(target)
-        graph = onnx.load(str(artifact.graph_path), load_external_data=False)
+        graph = artifact.load_graph()
         names = ([i.name for i in graph.graph.input], [o.name for o in graph.graph.output])
+        trust_compiled = flag(options.get("trust_compiled", False), "trust_compiled", "tvm")
         base = _base_key(artifact, tvm.__version__)
         root = Path(artifact.directory) / "compiled"
         cache_dir = root / f"tvm-{_dir_key(base, target)}"
@@ -922,21 +919,29 @@ class TvmBackend:
 
         refused: list[str] = []  # "path: why" of each library found but not loaded
         if use_cache and not options.get("rebuild"):
-            for d in self._candidates(artifact, root, cache_dir, base, target, bool(options.get("target")), compiler):
+            for d, meta in self._candidates(
+                artifact, root, cache_dir, base, target, bool(options.get("target")), compiler
+            ):
                 lib = d / "lib.so"
-                why = _untrusted(artifact, lib)
-                if why:
-                    refused.append(f"refusing to load {lib}: {why}")
-                    continue
-                meta = json.loads((d / "meta.json").read_text())
-                if ship:
-                    _ship(artifact, lib, meta)
-                if meta["arch"] != host_arch():
-                    return CrossCompiledProgram(lib, *names, meta["arch"], True, 0.0)
+                opened = trust.open_compiled(artifact, _rel(artifact, lib))
                 try:
-                    return TvmProgram(tvm.runtime.load_module(str(lib)), *names, True, 0.0, library=lib)
-                except Exception as exc:  # damaged: rebuild below (or refuse in runtime-only mode)
-                    refused.append(f"cannot load {lib}: {_first_line(exc)}")
+                    decision = trust.decide(artifact, opened.name, opened.sha256, trust_compiled)
+                    if not decision.allowed:
+                        refused.append(f"refusing to load {lib}: {decision.reason}")
+                        continue
+                    if options.get("sign_key"):
+                        trust.sign(lib, opened.sha256, Path(options["sign_key"]))
+                    if ship:
+                        _ship(artifact, lib, meta, opened.sha256)
+                    if meta.get("arch") != host_arch():
+                        return CrossCompiledProgram(lib, *names, str(meta.get("arch")), True, 0.0)
+                    try:
+                        module = trust.load_native(opened, tvm.runtime.load_module)
+                        return TvmProgram(module, *names, True, 0.0, library=lib)
+                    except Exception as exc:  # damaged: rebuild below (or refuse in runtime-only mode)
+                        refused.append(f"cannot load {lib}: {_first_line(exc)}")
+                finally:
+                    os.close(opened.fd)
         if not compiler:
             raise BackendError(self._cannot_build(artifact, root, text, refused))
         for problem in refused:
@@ -952,26 +957,29 @@ class TvmBackend:
         target: dict[str, Any],
         explicit: bool,
         compiler: bool,
-    ) -> list[Path]:
-        """Cached libraries that fit: the one for exactly this target, then (no target given) one built for
-        this CPU architecture that the manifest ships or, without a compiler, any such one."""
+    ) -> list[tuple[Path, dict[str, Any]]]:
+        """Cached libraries that fit, with their meta.json: the one for exactly this target, then (no target
+        given) one built for this CPU architecture that the manifest lists or, without a compiler, any such
+        one. Whether one may be loaded is decided after (backends/trust.py)."""
         import tvm
 
         found = []
+        if not root.is_dir() or root.is_symlink():
+            return found
         others = sorted(root.glob("tvm-*/meta.json"), key=lambda p: p.stat().st_mtime, reverse=True)
         for meta_path in [cache_dir / "meta.json", *(p for p in others if p.parent != cache_dir)]:
             d = meta_path.parent
-            meta = read_json_or(meta_path, None)
-            if not isinstance(meta, dict) or not (d / "lib.so").is_file():
+            meta = _read_meta(artifact, d)
+            if meta is None or not (d / "lib.so").is_file():
                 continue
             if meta.get("base") != base or meta.get("tvm") != tvm.__version__:
                 continue  # another graph, TVM version or moeport: never loaded
             if d == cache_dir:
                 if meta.get("target_json") == canonical(target):
-                    found.append(d)
+                    found.append((d, meta))
             elif not explicit and meta.get("arch") == host_arch():
                 if not compiler or _rel(artifact, d / "lib.so") in artifact.manifest.get(SHIPPED, {}):
-                    found.append(d)
+                    found.append((d, meta))
         return found
 
     @staticmethod
@@ -983,7 +991,7 @@ class TvmBackend:
             return f"tvm: {refused[0]}; {why}"
         found = sorted(
             f"{m.get('arch')}/apache-tvm {m.get('tvm')}/{m.get('target')!r}"
-            for m in (read_json_or(p, {}) for p in root.glob("tvm-*/meta.json"))
+            for m in (_read_meta(artifact, p.parent) or {} for p in root.glob("tvm-*/meta.json"))
         )
         have = (
             f" (it has libraries for: {', '.join(found)}; they need the same moeport and apache-tvm)" if found else ""
@@ -1019,9 +1027,9 @@ class TvmBackend:
         start = time.perf_counter()
         try:
             # The inliner serializes the model: weights > 2 GB (protobuf's limit) load after it
-            model = onnx.load(str(artifact.graph_path), load_external_data=False)
+            model = artifact.load_graph()
             model, ops = inline_all_but_kernel_ops(model)
-            onnx.external_data_helper.load_external_data_for_model(model, str(Path(artifact.graph_path).parent))
+            artifact.load_external_data(model)  # from the verified files, never by path
             prepare_graph(model)
             mod = _import(model, ops)
             del model  # the weights live on as the module's constants: not twice during the build
@@ -1056,7 +1064,7 @@ class TvmBackend:
                 "outputs": names[1],
             }
             (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
-            _trust(tmp / "lib.so")
+            trust.record_built(meta["sha256"])  # this machine built it: later loads may use it
             if cache_dir.exists():
                 shutil.rmtree(cache_dir, ignore_errors=True)
             os.replace(tmp, cache_dir)
@@ -1066,11 +1074,19 @@ class TvmBackend:
                 raise BackendError(f"tvm: cannot write the cross-compiled library into {cache_dir}: {exc}") from exc
             return TvmProgram(ex, *names, False, build_s)  # read-only artifact dir: run without caching
         lib = cache_dir / "lib.so"
+        if options.get("sign_key"):
+            trust.sign(lib, meta["sha256"], Path(options["sign_key"]))
         if ship:
-            _ship(artifact, lib, meta)
+            _ship(artifact, lib, meta, meta["sha256"])
         if cross:
             return CrossCompiledProgram(lib, *names, meta["arch"], False, build_s)
-        return TvmProgram(tvm.runtime.load_module(str(lib)), *names, False, build_s, library=lib)
+        opened = trust.open_compiled(artifact, _rel(artifact, lib))
+        try:
+            if opened.sha256 != meta["sha256"]:
+                raise BackendError(f"tvm: {lib} changed right after it was built; not loading it")
+            return TvmProgram(trust.load_native(opened, tvm.runtime.load_module), *names, False, build_s, library=lib)
+        finally:
+            os.close(opened.fd)
 
 
 def _say(options: dict[str, Any], message: str) -> None:

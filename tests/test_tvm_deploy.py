@@ -1,5 +1,5 @@
-"""Deploying a tvm-compiled artifact: runtime-only apache-tvm (no compiler), shipped library checksums,
-cross-compiling for an AArch64 board."""
+"""Deploying a tvm-compiled artifact: runtime-only apache-tvm (no compiler), libraries trusted by signature
+(never by the artifact's own manifest), cross-compiling for an AArch64 board."""
 
 from __future__ import annotations
 
@@ -31,7 +31,7 @@ EM_AARCH64 = 183
 BOARD = """
 import json, sys
 from moeport.runtime import load
-model = load(sys.argv[1], backend="tvm")
+model = load(sys.argv[1], backend="tvm", trust_compiled=sys.argv[3] == "trust")
 tokens = model.session().generate(json.loads(sys.argv[2]), max_new_tokens=16, ignore_eos=True).tokens
 maps = open("/proc/self/maps").read()
 print(json.dumps({"tokens": tokens, "cache_hit": model.program.cache_hit,
@@ -40,8 +40,9 @@ print(json.dumps({"tokens": tokens, "cache_hit": model.program.cache_hit,
 """
 
 
-def _board_env(tmp_path: Path) -> dict[str, str]:
+def _board_env(tmp_path: Path, trusted_keys: Path | None = None) -> dict[str, str]:
     env = dict(os.environ, TVM_USE_RUNTIME_LIB="1", XDG_CACHE_HOME=str(tmp_path / "board-cache"))
+    env["MOEPORT_TRUSTED_KEYS"] = str(trusted_keys or tmp_path / "no-trusted-keys")
     env.pop(CROSS_CC_ENV, None)
     return env
 
@@ -52,23 +53,51 @@ def _compile(art: Path, *extra: str):
     return result
 
 
+def _signing_key(directory: Path) -> tuple[Path, Path]:
+    """An Ed25519 key pair as `ssh-keygen -t ed25519 -N ''` writes it: (private key, trusted-keys file)."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ed25519
+
+    key = ed25519.Ed25519PrivateKey.generate()
+    private = directory / "id_ed25519"
+    private.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption()
+        )
+    )
+    public = key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
+    trusted = directory / "trusted_keys"
+    trusted.write_text(public.decode() + " build-machine\n")
+    return private, trusted
+
+
 @pytest.fixture(scope="module")
-def shipped(tiny_checkpoint, tmp_path_factory) -> Path:
-    """An artifact after `moeport compile --backend tvm` (host target): its library listed in the manifest."""
+def keys(tmp_path_factory) -> tuple[Path, Path]:
+    pytest.importorskip("cryptography", reason="signatures need pip install 'moeport[sign]'")
+    return _signing_key(tmp_path_factory.mktemp("keys"))
+
+
+@pytest.fixture(scope="module")
+def shipped(tiny_checkpoint, tmp_path_factory, keys) -> Path:
+    """An artifact after `moeport compile --backend tvm --sign-key KEY` (host target)."""
     art = export(tiny_checkpoint, tmp_path_factory.mktemp("ship") / "art")
-    _compile(art)
+    _compile(art, "--sign-key", str(keys[0]))
     return art
 
 
-def test_a_copied_artifact_runs_on_tvm_runtime_only_with_the_same_tokens(shipped, tmp_path):
-    board = shutil.copytree(shipped, tmp_path / "board" / "art")  # e.g. scp -r to the board
-    out = subprocess.run(
-        [sys.executable, "-c", BOARD, str(board), json.dumps(PROMPT)],
-        env=_board_env(tmp_path),
+def _board_python(board: Path, tmp_path: Path, trusted: Path | None = None, trust: bool = False):
+    return subprocess.run(
+        [sys.executable, "-c", BOARD, str(board), json.dumps(PROMPT), "trust" if trust else "no"],
+        env=_board_env(tmp_path, trusted),
         capture_output=True,
         text=True,
         timeout=120,
     )
+
+
+def test_a_copied_signed_artifact_runs_on_tvm_runtime_only_with_the_same_tokens(shipped, keys, tmp_path):
+    board = shutil.copytree(shipped, tmp_path / "board" / "art")  # e.g. scp -r to the board
+    out = _board_python(board, tmp_path, trusted=keys[1])  # the board trusts the build machine's key
     assert out.returncode == 0, out.stderr
     got = json.loads(out.stdout.strip().splitlines()[-1])
     assert got["runtime_mapped"] and not got["compiler_mapped"] and not got["relax_imported"]
@@ -77,28 +106,45 @@ def test_a_copied_artifact_runs_on_tvm_runtime_only_with_the_same_tokens(shipped
     assert got["tokens"] == want
 
 
-def _board_run(board: Path, tmp_path: Path) -> subprocess.CompletedProcess:
+def test_a_library_listed_in_its_own_manifest_is_not_trusted_without_a_signature(shipped, tmp_path):
+    """Whoever ships the artifact ships its manifest: a sha256 there proves nothing about the code."""
+    board = shutil.copytree(shipped, tmp_path / "art")
+    lib = next((board / "compiled").glob("tvm-*/lib.so"))
+    assert json.loads((board / "manifest.json").read_text())["compiled"][lib.relative_to(board).as_posix()]
+    out = _board_run(board, tmp_path)  # no trusted key on this board
+    assert out.returncode == 1, out.stderr
+    assert f"refusing to load {lib}" in out.stderr and "not in" in out.stderr and "--trust-compiled" in out.stderr
+    assert "Traceback" not in out.stderr
+    trusted = _board_python(board, tmp_path, trust=True)  # the user's explicit choice for this run
+    assert trusted.returncode == 0, trusted.stderr
+
+
+def _board_run(board: Path, tmp_path: Path, trusted: Path | None = None) -> subprocess.CompletedProcess:
     ids = ",".join(map(str, PROMPT))
     cmd = [sys.executable, "-m", "moeport.tools.cli", "run", str(board), "--backend", "tvm", "--prompt-ids", ids]
     return subprocess.run(
-        [*cmd, "--max-new-tokens", "2"], env=_board_env(tmp_path), capture_output=True, text=True, timeout=120
+        [*cmd, "--max-new-tokens", "2"],
+        env=_board_env(tmp_path, trusted),
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
 
 
-def test_runtime_only_refuses_a_library_the_manifest_does_not_list(shipped, tmp_path):
+def test_runtime_only_refuses_a_modified_library_even_with_a_trusted_signature(shipped, keys, tmp_path):
     board = shutil.copytree(shipped, tmp_path / "art")
     lib = next((board / "compiled").glob("tvm-*/lib.so"))
     lib.write_bytes(lib.read_bytes() + b"\0")  # still a loadable library, but not the one compiled
-    out = _board_run(board, tmp_path)
+    out = _board_run(board, tmp_path, trusted=keys[1])
     assert out.returncode == 1
     assert f"refusing to load {lib}" in out.stderr and "does not match" in out.stderr, out.stderr
     assert "cannot be rebuilt" in out.stderr and "Traceback" not in out.stderr
 
     manifest = json.loads((board / "manifest.json").read_text())
-    del manifest["compiled"]  # a library the artifact never listed: same refusal
+    del manifest["compiled"]  # no manifest entry to compare with: the signature is for other content
     (board / "manifest.json").write_text(json.dumps(manifest))
-    out = _board_run(board, tmp_path)
-    assert out.returncode == 1 and "is not listed in manifest.json" in out.stderr, out.stderr
+    out = _board_run(board, tmp_path, trusted=keys[1])
+    assert out.returncode == 1 and "signed, but for other content" in out.stderr, out.stderr
 
 
 def test_runtime_only_without_a_compiled_library_says_how_to_make_one(shipped, tmp_path):
@@ -123,7 +169,7 @@ def _linkers() -> list:
 
 
 @pytest.mark.parametrize("linker", _linkers())
-def test_cross_compile_writes_an_aarch64_library_the_manifest_ships(tiny_checkpoint, tmp_path, monkeypatch, linker):
+def test_cross_compile_writes_an_aarch64_library_the_manifest_lists(tiny_checkpoint, tmp_path, monkeypatch, linker):
     from moeport.backends.base import BackendError
 
     monkeypatch.setenv(CROSS_CC_ENV, linker)
@@ -140,7 +186,7 @@ def test_cross_compile_writes_an_aarch64_library_the_manifest_ships(tiny_checkpo
     with pytest.raises(BackendError, match="holds aarch64 code"):
         model.session().prefill(PROMPT)
     # A runtime-only x86-64 machine never picks the aarch64 library, and says what the artifact has.
-    out = _board_run(art, tmp_path)
+    out = _board_run(art, tmp_path, trusted=tmp_path / "none")
     assert out.returncode == 1 and "no compiled library for this machine" in out.stderr
     assert "aarch64/apache-tvm" in out.stderr
 
