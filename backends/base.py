@@ -49,6 +49,47 @@ def flag(value: Any, name: str, backend: str) -> bool:
     raise BackendError(f"{backend}: {name} must be true or false, got {value!r}")
 
 
+def integer(value: Any, name: str, backend: str, lo: int, hi: int | None = None) -> int:
+    """An integer compile option (also as given on the command line), checked against its range."""
+    if isinstance(value, bool):
+        raise BackendError(f"{backend}: {name} must be a whole number, got {value!r}")
+    try:
+        number = int(str(value).strip()) if isinstance(value, str) else int(value)
+    except (TypeError, ValueError):
+        raise BackendError(f"{backend}: {name} must be a whole number, got {value!r}") from None
+    if number < lo or (hi is not None and number > hi):
+        bound = f"between {lo} and {hi}" if hi is not None else f"at least {lo}"
+        raise BackendError(f"{backend}: {name} must be {bound}, got {number}")
+    return number
+
+
+# Options every backend accepts (the runtime or the CLI may pass them to any backend).
+COMMON_OPTIONS = {
+    "threads": "CPU threads (default: every core)",
+    "progress": "say on stderr when a long build starts (default true)",
+    "trust_compiled": "load compiled native code from the artifact that this machine did not build",
+}
+
+
+def check_options(backend: Any, options: dict[str, Any]) -> dict[str, Any]:
+    """Refuse options the backend does not declare (a typo must not be silently ignored); returns the
+    options without unset (None) values. A plugin that declares no ``options`` is given everything."""
+    name = getattr(backend, "name", "backend")
+    given = {k: v for k, v in options.items() if v is not None}
+    declared = getattr(backend, "options", None)
+    if declared is not None:
+        allowed = {**COMMON_OPTIONS, **declared}
+        unknown = sorted(k for k in given if k not in allowed)
+        if unknown:
+            raise BackendError(
+                f"{name}: unknown option{'s' if len(unknown) > 1 else ''} {', '.join(map(repr, unknown))}; "
+                f"it takes: {', '.join(sorted(allowed))}"
+            )
+    if "threads" in given:
+        given["threads"] = integer(given["threads"], "threads", name, 1, 4096)
+    return given
+
+
 @dataclass(frozen=True)
 class Availability:
     available: bool

@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import os
 import sys
 import tempfile
 import time
@@ -35,25 +36,65 @@ USER_ERRORS = (
 )
 
 
+DEBUG_ENV = "MOEPORT_DEBUG"
+
+
+def _one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split())
+    return text[:2000] if text else type(exc).__name__
+
+
+def error_line(exc: BaseException) -> str:
+    """What the user sees for ``exc``: the project's errors as they are, anything else named by kind."""
+    if isinstance(exc, USER_ERRORS):
+        return _one_line(exc)
+    if isinstance(exc, OSError):
+        where = f": {exc.filename}" if exc.filename else ""
+        return f"{exc.strerror or _one_line(exc)}{where}"
+    if isinstance(exc, MemoryError):
+        return "out of memory (the model, the context or the batch is too large for this machine)"
+    if isinstance(exc, RecursionError):
+        return "input nested too deeply to process"
+    return (
+        f"internal error ({type(exc).__name__}: {_one_line(exc)}); run with --debug for the traceback "
+        "and please report it"
+    )
+
+
 class _Group(click.Group):
-    """Turns the project's user-facing errors into one clean ``Error: ...`` line and exit code 1."""
+    """The error boundary: any exception becomes one ``Error: ...`` line and exit code 1 (click's usage
+    errors: 2); the traceback is shown only with ``--debug`` (or MOEPORT_DEBUG=1)."""
 
     def invoke(self, ctx: click.Context):
         try:
             return super().invoke(ctx)
-        except USER_ERRORS as exc:
-            raise click.ClickException(str(exc)) from exc
+        except (click.exceptions.ClickException, click.exceptions.Exit, click.exceptions.Abort):
+            raise
+        except KeyboardInterrupt:
+            raise click.exceptions.Abort() from None
+        except BrokenPipeError:  # e.g. `moeport run ... | head`: the reader is gone, nothing to say
+            sys.stderr = open(os.devnull, "w")  # noqa: SIM115 - python would complain again at exit
+            raise click.exceptions.Exit(1) from None
+        except Exception as exc:
+            if ctx.meta.get("moeport.debug"):
+                raise
+            raise click.ClickException(error_line(exc)) from exc
 
 
 @click.group(cls=_Group)
 @click.version_option(__version__, prog_name="moeport")
 @click.option("-v", "--verbose", is_flag=True, help="Log what the exporter and runtime do.")
-def main(verbose: bool) -> None:
+@click.option(
+    "--debug", is_flag=True, envvar=DEBUG_ENV, help="Show the full traceback of an error (also MOEPORT_DEBUG=1)."
+)
+@click.pass_context
+def main(ctx: click.Context, verbose: bool, debug: bool) -> None:
     """moeport: run DeepSeek-style MoE models (V2/V3/R1) on any backend.
 
     Export a Hugging Face checkpoint once (`moeport export`), then run the artifact on any backend
     (`moeport run --backend cpu`).
     """
+    ctx.meta["moeport.debug"] = debug
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(name)s: %(message)s")
 
 
@@ -142,6 +183,30 @@ def _parse_backend_options(ctx, param, values) -> dict:
     return out
 
 
+def backend_options_with(backend_options: dict, threads: int | None = None, trust_compiled: bool = False) -> dict:
+    """The -o options plus the dedicated flags (a flag and the same -o key must agree)."""
+    if "verify" in backend_options:
+        raise click.UsageError(
+            "-o verify is not a backend option: moeport always checks an artifact's files before loading it"
+        )
+    out = dict(backend_options)
+    for key, value in (("threads", threads), ("trust_compiled", trust_compiled or None)):
+        if value is None:
+            continue
+        if key in out and out[key] != value:
+            raise click.UsageError(f"--{key.replace('_', '-')} {value} and -o {key}={out[key]} disagree; give one")
+        out[key] = value
+    return out
+
+
+trust_option = click.option(
+    "--trust-compiled",
+    is_flag=True,
+    help="Load compiled native code found in the artifact even if this machine did not build it and no trusted "
+    "key signed it (only for artifacts from a source you trust).",
+)
+
+
 backend_option = click.option(
     "-o",
     "--backend-option",
@@ -224,7 +289,12 @@ def sampling_options(f):
         click.option(
             "--repetition-penalty", type=float, default=None, help="> 1 discourages repeating tokens (1 = off)."
         ),
-        click.option("--seed", type=int, default=None, help="Random seed: the same seed gives the same sample."),
+        click.option(
+            "--seed",
+            type=click.IntRange(min=0, max=2**64 - 1),
+            default=None,
+            help="Random seed (>= 0): the same seed gives the same sample.",
+        ),
         click.option("--stop", multiple=True, help="Stop when the output contains this text (repeatable)."),
         click.option("--ignore-eos", is_flag=True, help="Keep generating past end-of-sequence tokens."),
         click.option(
@@ -236,6 +306,7 @@ def sampling_options(f):
         ),
         click.option("--threads", type=click.IntRange(min=1), default=None, help="CPU threads (default: all cores)."),
         backend_option,
+        trust_option,
         npu_options,
         click.option(
             "--backend",
@@ -317,6 +388,7 @@ def run_cmd(
     threads: int | None,
     backend: str,
     backend_options: dict,
+    trust_compiled: bool,
     **sampling,
 ) -> None:
     """Generate from ARTIFACT_DIR on a backend, streaming the text (reasoning dimmed)."""
@@ -325,7 +397,7 @@ def run_cmd(
     if chat and prompt is None:
         raise click.UsageError("--chat needs --prompt (text)")
     t0 = time.perf_counter()
-    model = load(artifact_dir, backend=backend, threads=threads, **backend_options)
+    model = load(artifact_dir, backend=backend, **backend_options_with(backend_options, threads, trust_compiled))
     load_s = time.perf_counter() - t0
     params = _sampling(model, **sampling)
     if prompt is not None:
@@ -370,13 +442,19 @@ def run_cmd(
 @click.option("--system", help="A system message for the whole conversation.")
 @sampling_options
 def chat_cmd(
-    artifact_dir: Path, system: str | None, threads: int | None, backend: str, backend_options: dict, **sampling
+    artifact_dir: Path,
+    system: str | None,
+    threads: int | None,
+    backend: str,
+    backend_options: dict,
+    trust_compiled: bool,
+    **sampling,
 ) -> None:
     """Talk with ARTIFACT_DIR: multi-turn, reasoning shown dimmed and dropped from the history.
 
     Type a message and press Enter; /reset starts over, /exit (or Ctrl-D) quits.
     """
-    model = load(artifact_dir, backend=backend, threads=threads, **backend_options)
+    model = load(artifact_dir, backend=backend, **backend_options_with(backend_options, threads, trust_compiled))
     tok = model.require_tokenizer()
     if tok.chat_template is None:
         raise TextError(f"{artifact_dir} has no chat template; use `moeport run --prompt` instead")
@@ -455,13 +533,33 @@ def backends_cmd(as_json: bool) -> None:
     help="Compiler target where the backend has one, e.g. tvm's 'llvm' (this CPU) or "
     "'llvm -mtriple=aarch64-linux-gnu -mattr=+neon,+dotprod' (cross-compile for an Arm board).",
 )
+@click.option(
+    "--sign-key",
+    type=click.Path(path_type=Path, dir_okay=False),
+    default=None,
+    help="Sign the compiled library with this Ed25519 private key (e.g. ~/.ssh/id_ed25519), so that machines "
+    "trusting its public key load it without building it themselves.",
+)
 @backend_option
+@trust_option
 @npu_options
-def compile_cmd(artifact_dir: Path, backend: str, target: str | None, backend_options: dict) -> None:
+def compile_cmd(
+    artifact_dir: Path,
+    backend: str,
+    target: str | None,
+    sign_key: Path | None,
+    backend_options: dict,
+    trust_compiled: bool,
+) -> None:
     """Compile ARTIFACT_DIR ahead of time for a backend; the result is cached in the artifact when the
-    backend caches builds (tvm: ARTIFACT_DIR/compiled/, its sha256 listed in the manifest so a copy of
-    the artifact runs on a runtime-only install), so `moeport run` starts without compiling."""
-    options = {"ship": True, **backend_options, **({"target": target} if target else {})}
+    backend caches builds (tvm: ARTIFACT_DIR/compiled/, listed in the manifest's inventory), so
+    `moeport run` starts without compiling. A library runs elsewhere only where this machine's build is
+    trusted: sign it with --sign-key (see README, "Security model")."""
+    options = {"ship": True, **backend_options_with(backend_options, None, trust_compiled)}
+    if target:
+        options["target"] = target
+    if sign_key:
+        options["sign_key"] = str(sign_key)
     click.echo(f"compiling {artifact_dir} for {backend}{f' ({target})' if target else ''} ...", err=True)
     model = load(artifact_dir, backend=backend, **options)
     hit = getattr(model.program, "cache_hit", None)
@@ -475,13 +573,17 @@ def compile_cmd(artifact_dir: Path, backend: str, target: str | None, backend_op
 @click.argument("artifact_dir", type=click.Path(path_type=Path))
 @click.option("--no-verify", is_flag=True, help="Skip checking the files' sha256 against the manifest.")
 def inspect_cmd(artifact_dir: Path, no_verify: bool) -> None:
-    """Describe an artifact: model, weights, cache layout, files (checksums verified)."""
+    """Describe an artifact: model, weights, cache layout, files (checksums verified), and which compiled
+    libraries a load would use, and why."""
+    from moeport.backends.trust import compiled_inventory
+
     art = read_artifact(artifact_dir, verify=False)
     if not no_verify:
         art.verify(use_cache=False)
+        art.load_graph()  # the graph's inputs/outputs and external data must match the manifest
     m, cfg = art.manifest, art.config
     total = sum(f["size"] for f in m["files"].values())
-    click.echo(f"artifact     {art.directory} (format v{m['format_version']}, {m['producer']})")
+    click.echo(f"artifact     {art.directory} (format v{m['format_version']}, {m.get('producer', 'unknown producer')})")
     click.echo(
         f"model        {cfg.model_type}: {cfg.num_hidden_layers} layers, hidden {cfg.hidden_size}, "
         f"vocab {cfg.vocab_size}, {cfg.n_routed_experts} routed experts (top {cfg.num_experts_per_tok}), "
@@ -490,13 +592,21 @@ def inspect_cmd(artifact_dir: Path, no_verify: bool) -> None:
     click.echo(f"weights      {m['weights']['dtype']} ({m['weights']['bytes'] / 1e6:.1f} MB)")
     c = m["cache"]
     click.echo(
-        f"cache        {c['kind']}: {c['layers']} layers x {c['dim']} ({c['kv_lora_rank']} latent + "
-        f"{c['qk_rope_head_dim']} rope) {c['dtype']} = {c['bytes_per_token']} bytes/token"
+        f"cache        {c['kind']}: {c['layers']} layers x {c['dim']} ({cfg.kv_lora_rank} latent + "
+        f"{cfg.qk_rope_head_dim} rope) {c['dtype']} = {c['layers'] * c['dim'] * 4} bytes/token"
     )
     click.echo(f"max seq len  {m['max_seq_len']}")
     click.echo(f"files        {total / 1e6:.1f} MB, checksums {'skipped' if no_verify else 'ok'}")
     for name, f in m["files"].items():
         click.echo(f"  {name:<26} {f['size']:>12,d}  {f['sha256'][:16]}")
+    inventory = compiled_inventory(art)
+    if inventory:
+        click.echo(
+            "compiled     native libraries (loaded only if built here, signed by a trusted key, or --trust-compiled)"
+        )
+        for rel, size, decision in inventory:
+            verdict = "would load" if decision.allowed else "would NOT load"
+            click.echo(f"  {rel:<40} {size:>12,d}  {verdict}: {decision.reason}")
 
 
 @main.command("make-checkpoint")
@@ -544,6 +654,7 @@ def make_checkpoint_cmd(output_dir: Path, preset: str, seed: int, dtype: str | N
 )
 @click.option("--threads", type=click.IntRange(min=1), default=None, help="CPU threads (default: all cores).")
 @backend_option
+@trust_option
 @npu_options
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 def bench_cmd(
@@ -553,13 +664,16 @@ def bench_cmd(
     new_tokens: int,
     threads: int | None,
     backend_options: dict,
+    trust_compiled: bool,
     as_json: bool,
 ) -> None:
     """Measure prefill and decode tok/s, load seconds and peak RSS of ARTIFACT_DIR on a backend."""
     from moeport.tools.bench import run_bench
 
+    options = backend_options_with(backend_options, threads, trust_compiled)
+    threads = options.pop("threads", None)
     try:
-        r = run_bench(artifact_dir, backend, prompt_len, new_tokens, threads, **backend_options)
+        r = run_bench(artifact_dir, backend, prompt_len, new_tokens, threads, **options)
     except ValueError as exc:
         if isinstance(exc, USER_ERRORS):
             raise
