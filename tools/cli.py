@@ -91,7 +91,7 @@ def _progress(desc: str):
     help="With int8/int4: weights per quantization scale along the input dimension "
     "(power of two >= 16) [default: 128 for int8, 32 for int4].",
 )
-@click.option("--force", is_flag=True, help="Replace OUTPUT_DIR if it exists and is not empty.")
+@click.option("--force", is_flag=True, help="Replace OUTPUT_DIR if it is a moeport artifact (never anything else).")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def export_cmd(
     checkpoint_dir: Path,
