@@ -23,6 +23,7 @@ from click.testing import CliRunner
 
 from moeport.exporter import ExportError, export, graph, outdir, read_artifact
 from moeport.exporter.outdir import OutputError, OutputLock
+from moeport.tools import checkpoints
 from moeport.tools.checkpoints import make_checkpoint
 from moeport.tools.cli import main
 
@@ -490,3 +491,46 @@ def test_a_full_disk_is_one_error_and_keeps_the_old_artifact(tiny_checkpoint, tm
     assert result.exit_code == 1 and one_line(result.output) == f"Error: {expected}"
     assert snapshot(out) == old
     assert os.listdir(tmp_path) == ["out"]  # the temp directory is gone
+
+
+# -- make-checkpoint --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "make, message",
+    [
+        (lambda p: p.write_text("keep me"), "exists and is not a directory"),
+        (lambda p: (p.mkdir(), (p / "keep").write_text("keep me")), "exists and is not empty"),
+    ],
+)
+def test_make_checkpoint_onto_a_file_or_a_full_directory_is_one_clean_line(tmp_path, make, message):
+    out = tmp_path / "out"
+    make(out)
+    before = snapshot(tmp_path)
+    result = CliRunner().invoke(main, ["make-checkpoint", str(out)])
+    assert result.exit_code == 1
+    assert one_line(result.output) == f"Error: {out} {message}"
+    with pytest.raises(OutputError, match=message):
+        make_checkpoint(out)
+    assert snapshot(tmp_path) == before
+    assert sorted(os.listdir(tmp_path)) == ["out"]
+
+
+def test_make_checkpoint_writes_atomically(tmp_path, monkeypatch):
+    out = tmp_path / "ckpt"
+    (tmp_path / ".ckpt.tmp-k1lled00").mkdir()  # a killed run's temp directory
+    real_write = checkpoints.write_safetensors
+
+    def write_then_fill_the_disk(path, *args):
+        Path(path).write_bytes(b"\0" * 1000)
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(checkpoints, "write_safetensors", write_then_fill_the_disk)
+    with pytest.raises(OutputError, match=re.escape(f"no space left on device writing {out / 'model.safetensors'}")):
+        make_checkpoint(out)
+    assert os.listdir(tmp_path) == []  # nothing half-written, the old temp directory removed too
+    monkeypatch.setattr(checkpoints, "write_safetensors", real_write)
+    (tmp_path / "ckpt").mkdir()  # an empty directory is fine
+    make_checkpoint(out)
+    assert sorted(os.listdir(out)) == ["config.json", "generation_config.json", "model.safetensors"]
+    assert os.listdir(tmp_path) == ["ckpt"]
