@@ -6,7 +6,7 @@ import json
 import logging
 import os
 import shutil
-import tempfile
+import stat
 from collections.abc import Callable
 from pathlib import Path
 
@@ -19,7 +19,19 @@ from moeport.models.config import DeepseekConfig, load_config
 from moeport.models.deepseek import CACHE_INPUT, CACHE_OUTPUT, DeepseekGraph, expected_tensors
 
 from .graph import OPSET, STORAGE_DTYPES, GraphBuilder, WeightFile
-from .manifest import FORMAT, FORMAT_VERSION, MANIFEST, sha256_file
+from .manifest import FORMAT, FORMAT_VERSION, MANIFEST, read_artifact, sha256_file
+from .outdir import (
+    OutputError,
+    OutputLock,
+    describe_os_error,
+    fsync_file,
+    naming,
+    output_path,
+    publish,
+    remove_leftovers,
+    restore_interrupted_swap,
+    temp_dir,
+)
 
 log = logging.getLogger("moeport.exporter")
 
@@ -35,10 +47,65 @@ SIDE_FILES = (
 QUANTIZED = {"int8": 8, "int4": 4}
 WEIGHT_CHOICES = (*STORAGE_DTYPES, *QUANTIZED)
 DEFAULT_BLOCK = {"int8": 128, "int4": 32}
+_MAX_MANIFEST_BYTES = 16 << 20
 
 
 class ExportError(ValueError):
     """Export refused: bad arguments or an output directory that must not be touched."""
+
+
+def _output_to_replace(out: Path, force: bool) -> bool:
+    """Whether ``out`` is an artifact to replace (True) or missing or empty (False); anything else is refused."""
+    if out.is_symlink():
+        raise ExportError(f"{out} is a symbolic link; moeport only replaces its own artifacts (give the real path)")
+    if not out.exists():
+        return False
+    if not out.is_dir():
+        raise ExportError(
+            f"{out} exists and is not a directory; moeport only replaces its own artifacts "
+            "(remove it or choose another path)"
+        )
+    if not any(out.iterdir()):
+        return False
+    why_not = _why_not_an_artifact(out)
+    if not force:
+        if why_not is None:
+            raise ExportError(f"output directory {out} exists and is not empty (use --force to replace it)")
+        raise ExportError(
+            f"output directory {out} exists and is not empty, and is not a moeport artifact ({why_not}); "
+            "moeport only replaces its own artifacts"
+        )
+    if why_not is not None:
+        raise ExportError(
+            f"refusing to replace {out}: it is not a moeport artifact ({why_not}); --force only replaces "
+            "moeport's own artifacts"
+        )
+    return True
+
+
+def _why_not_an_artifact(directory: Path) -> str | None:
+    """None if ``directory`` has a moeport manifest (format only: a damaged artifact may be replaced), else why not."""
+    path = directory / MANIFEST
+    try:
+        st = path.lstat()
+        if not stat.S_ISREG(st.st_mode) or st.st_size > _MAX_MANIFEST_BYTES:
+            return f"{MANIFEST} is not a regular file of at most {_MAX_MANIFEST_BYTES >> 20} MiB"
+        manifest = json.loads(path.read_bytes())
+    except FileNotFoundError:
+        return f"no {MANIFEST}"
+    except (OSError, ValueError, RecursionError) as exc:
+        return f"{MANIFEST} is not readable JSON ({type(exc).__name__})"
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        return f'{MANIFEST} does not say "format": "{FORMAT}"'
+    return None
+
+
+def _is_complete_artifact(directory: Path) -> bool:
+    try:
+        read_artifact(directory, verify=True)
+    except Exception:  # noqa: BLE001 - whatever is wrong with it, it is not a complete artifact
+        return False
+    return True
 
 
 def check_checkpoint(cfg: DeepseekConfig, ckpt: Checkpoint) -> list[str]:
@@ -102,9 +169,11 @@ def export(
 
     ``weights`` picks the stored dtype (fp32/fp16/bf16; computed in float32) or weight-only block
     quantization of every Linear (int8/int4, ``block_size`` values per scale along the input
-    dimension; other tensors are then stored as bf16). The output is written
-    to a temporary directory beside ``output_dir`` and renamed into place only when complete.
-    ``progress(total)`` may return a callback called once per checkpoint tensor read.
+    dimension; other tensors are then stored as bf16). The output is written to a temporary
+    directory beside ``output_dir``, fsynced, and swapped into place only when complete, under a
+    lock that refuses a concurrent export to the same path. ``force`` replaces an existing moeport
+    artifact, never anything else. ``progress(total)`` may return a callback called once per
+    checkpoint tensor read.
     """
     if weights not in WEIGHT_CHOICES:
         raise ExportError(f"--weights {weights!r} is not one of {', '.join(WEIGHT_CHOICES)}")
@@ -118,9 +187,10 @@ def export(
         src = zoo.resolve(checkpoint_dir)
     except zoo.ZooError as exc:
         raise ExportError(str(exc)) from exc
-    out = Path(output_dir)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not force:
-        raise ExportError(f"output directory {out} exists and is not empty (use --force to replace it)")
+    try:
+        out = output_path(output_dir)
+    except OutputError as exc:
+        raise ExportError(str(exc)) from exc
     if out.resolve() == src.resolve():
         raise ExportError("output directory must differ from the checkpoint directory")
 
@@ -133,21 +203,25 @@ def export(
     if not 1 <= max_seq_len <= limit:
         raise ExportError(f"--max-seq-len {max_seq_len} must be between 1 and max_position_embeddings ({limit})")
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    tmp = None
     try:
-        tick = progress(tensor_count(cfg)) if progress else None
-        _write_artifact(cfg, ckpt, tmp, weights, block_size, max_seq_len, ignored, src, tick)
-        if out.exists():  # --force: move the old output aside, put the new one in place, then delete the old
-            old = out.with_name(f".{out.name}.old-{os.getpid()}")
-            os.replace(out, old)
-            os.replace(tmp, out)
-            shutil.rmtree(old) if old.is_dir() else old.unlink()
-        else:
-            os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with OutputLock(out, "export"):  # a live export holds it: what is left beside out is a killed one's
+            restore_interrupted_swap(out, _is_complete_artifact)
+            remove_leftovers(out)
+            replace = _output_to_replace(out, force)
+            tmp = temp_dir(out)
+            try:
+                tick = progress(tensor_count(cfg)) if progress else None
+                _write_artifact(cfg, ckpt, tmp, weights, block_size, max_seq_len, ignored, src, tick)
+                publish(tmp, out, replace)
+            except BaseException:
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise
+    except OutputError as exc:
+        raise ExportError(str(exc)) from exc
+    except OSError as exc:  # disk full, permissions, I/O errors: one line naming the file
+        raise ExportError(f"export to {out} failed: {describe_os_error(exc, out, tmp)}") from exc
     return out
 
 
@@ -162,21 +236,27 @@ def _write_artifact(
     src: Path,
     tick: Callable[[], None] | None,
 ) -> None:
+    """Write every file of the artifact into ``tmp``, each fsynced (the caller renames ``tmp`` into place)."""
     wf = WeightFile(tmp / WEIGHTS_FILE)
     try:
         quant = (QUANTIZED[weights], block_size) if weights in QUANTIZED else None
         b = GraphBuilder(wf, storage="bf16" if quant else weights)
         model_graph = DeepseekGraph(cfg, b, lambda n: ckpt.read(n, cfg.fp8_block_size), tick, quant=quant)
         model_graph.build()
+        wf.close(sync=True)
     finally:
-        wf.close()
+        wf.discard()
     model = b.model("moeport_deepseek", doc=f"{cfg.model_type} exported by moeport {__version__}")
-    onnx.save_model(model, tmp / GRAPH_FILE)
+    with naming(tmp / GRAPH_FILE):
+        onnx.save_model(model, tmp / GRAPH_FILE)
+    fsync_file(tmp / GRAPH_FILE)
     onnx.checker.check_model(str(tmp / GRAPH_FILE))
 
     side = [n for n in SIDE_FILES if (src / n).is_file()]
     for name in side:
-        shutil.copyfile(src / name, tmp / name)
+        with naming(tmp / name):
+            shutil.copyfile(src / name, tmp / name)
+        fsync_file(tmp / name)
     files = {}
     for name in [GRAPH_FILE, WEIGHTS_FILE, *side]:
         path = tmp / name
@@ -225,7 +305,10 @@ def _write_artifact(
         },
         "files": files,
     }
-    (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
+    with naming(tmp / MANIFEST), open(tmp / MANIFEST, "w") as f:
+        f.write(json.dumps(manifest, indent=2))
+        f.flush()
+        os.fsync(f.fileno())
 
 
 def tensor_count(cfg: DeepseekConfig) -> int:

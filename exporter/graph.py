@@ -8,6 +8,7 @@ never holds more than one tensor of the checkpoint in memory.
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -18,6 +19,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from . import ops
+from .outdir import naming
 
 OPSET = 18
 ALIGN = 4096
@@ -43,7 +45,10 @@ def onnx_type(dtype: np.dtype) -> int:
 
 
 class WeightFile:
-    """Appends tensors to one external-data file and describes them as ONNX initializers."""
+    """Appends tensors to one external-data file and describes them as ONNX initializers.
+
+    A failed write (a full disk) raises OSError naming this file.
+    """
 
     def __init__(self, path: Path):
         self.path = Path(path)
@@ -51,18 +56,22 @@ class WeightFile:
         self.offset = 0
         self.nbytes = 0
 
+    def _write(self, data: bytes) -> None:
+        with naming(self.path):
+            self._f.write(data)
+
     def write_parts(
         self, name: str, parts: Iterable[np.ndarray], shape: tuple[int, ...], dtype: np.dtype
     ) -> TensorProto:
         """Write a tensor as consecutive parts (e.g. one expert at a time) without joining them in memory."""
         pad = (-self.offset) % ALIGN
         if pad:
-            self._f.write(b"\0" * pad)
+            self._write(b"\0" * pad)
             self.offset += pad
         start = self.offset
         for part in parts:
             data = np.ascontiguousarray(part, dtype=dtype)
-            self._f.write(data.tobytes())
+            self._write(data.tobytes())
             self.offset += data.nbytes
         length = self.offset - start
         if length != int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize:
@@ -78,8 +87,18 @@ class WeightFile:
         self.nbytes += length
         return tensor
 
-    def close(self) -> None:
-        self._f.close()
+    def close(self, sync: bool = False) -> None:
+        """Flush and close the file; with ``sync`` also fsync it, so it is on disk before the artifact is renamed."""
+        with naming(self.path):
+            self._f.flush()
+            if sync:
+                os.fsync(self._f.fileno())
+            self._f.close()
+
+    def discard(self) -> None:
+        """Close without raising (after a failure, when the file is deleted anyway); a no-op once closed."""
+        with contextlib.suppress(OSError):
+            self._f.close()
 
 
 class GraphBuilder:

@@ -152,10 +152,10 @@ def test_nonempty_output_dir_is_refused_unless_force(tiny_checkpoint, tmp_path):
     (out / "precious.txt").write_text("keep me")
     with pytest.raises(ExportError, match="exists and is not empty"):
         export(tiny_checkpoint, out)
+    with pytest.raises(ExportError, match="not a moeport artifact"):  # --force replaces only moeport's artifacts
+        export(tiny_checkpoint, out, force=True)
     assert (out / "precious.txt").read_text() == "keep me"
-    export(tiny_checkpoint, out, force=True)
-    assert not (out / "precious.txt").exists()
-    assert (out / "manifest.json").is_file()
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]
 
 
 def test_failed_export_with_force_keeps_the_old_artifact(tiny_checkpoint, ckpt, tmp_path):
@@ -271,9 +271,8 @@ def test_cli_errors(tiny_artifact, tiny_checkpoint, args, message):
 def test_output_path_that_is_a_file(tiny_checkpoint, tmp_path):
     out = tmp_path / "out"
     out.write_text("not a directory")
-    with pytest.raises(ExportError, match="exists and is not empty"):
-        export(tiny_checkpoint, out)
+    for force in (False, True):  # --force replaces only moeport's artifacts, never a file
+        with pytest.raises(ExportError, match="exists and is not a directory"):
+            export(tiny_checkpoint, out, force=force)
     assert out.read_text() == "not a directory"
-    export(tiny_checkpoint, out, force=True)
-    assert (out / "manifest.json").is_file()
-    assert [p.name for p in tmp_path.iterdir()] == ["out"]  # no temp or old copies left
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]  # no temp, old or lock files left

@@ -7,12 +7,24 @@ they exist to exercise the whole path (export, backends, runtime) and to benchma
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import ml_dtypes
 import numpy as np
 
-from moeport.models.config import parse_config
+from moeport.exporter.outdir import (
+    OutputError,
+    OutputLock,
+    describe_os_error,
+    fsync_file,
+    naming,
+    output_path,
+    publish,
+    remove_leftovers,
+    temp_dir,
+)
+from moeport.models.config import DeepseekConfig, parse_config
 from moeport.models.deepseek import expected_tensors
 
 PRESETS: dict[str, dict] = {
@@ -102,13 +114,46 @@ def make_checkpoint(
     """Write config.json, model.safetensors and generation_config.json for ``preset`` into ``out_dir``.
 
     Tensors are generated and written one at a time, so even the bench preset needs little memory.
+    The files are written to a temporary directory beside ``out_dir``, fsynced and renamed into
+    place when complete, so an interrupted run leaves no half-written checkpoint (and the next run
+    removes its temporary directory). Raises :class:`OutputError` (one line) if ``out_dir`` is a
+    file, a symbolic link or a non-empty directory, if another run is writing it, or if writing fails.
     """
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}; choose from {', '.join(PRESETS)}")
     raw = {**PRESETS[preset], **(overrides or {})}
     cfg = parse_config(raw)
+    out = output_path(out_dir)
+    tmp = None
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with OutputLock(out, "make-checkpoint"):
+            remove_leftovers(out)
+            _check_output(out)
+            tmp = temp_dir(out)
+            try:
+                _write_checkpoint(tmp, raw, cfg, seed, dtype or PRESET_DTYPES[preset])
+                publish(tmp, out, replace=False)
+            except BaseException:
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise
+    except OSError as exc:
+        raise OutputError(f"writing checkpoint {out} failed: {describe_os_error(exc, out, tmp)}") from exc
+    return out
+
+
+def _check_output(out: Path) -> None:
+    if out.is_symlink():
+        raise OutputError(f"{out} is a symbolic link; give the real path of a new or empty directory")
+    if out.exists() and not out.is_dir():
+        raise OutputError(f"{out} exists and is not a directory")
+    if out.exists() and any(out.iterdir()):
+        raise OutputError(f"{out} exists and is not empty")
+
+
+def _write_checkpoint(out: Path, raw: dict, cfg: DeepseekConfig, seed: int, dtype: str) -> None:
     rng = np.random.default_rng(seed)
-    np_dtype, st_dtype = _DTYPES[dtype or PRESET_DTYPES[preset]]
+    np_dtype, st_dtype = _DTYPES[dtype]
 
     def tensor(name: str, shape: tuple[int, ...]) -> np.ndarray:
         x = rng.standard_normal(shape, dtype=np.float32)
@@ -122,14 +167,15 @@ def make_checkpoint(
             x /= np.sqrt(shape[-1])
         return x.astype(np_dtype)
 
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     shapes = expected_tensors(cfg)
-    write_safetensors(out / "model.safetensors", shapes, st_dtype, (tensor(n, s) for n, s in shapes.items()))
-    (out / "config.json").write_text(json.dumps(raw, indent=2))
+    with naming(out / "model.safetensors"):
+        write_safetensors(out / "model.safetensors", shapes, st_dtype, (tensor(n, s) for n, s in shapes.items()))
     gen = {"bos_token_id": raw.get("bos_token_id"), "eos_token_id": raw.get("eos_token_id"), "do_sample": False}
-    (out / "generation_config.json").write_text(json.dumps(gen, indent=2))
-    return out
+    for name, data in (("config.json", raw), ("generation_config.json", gen)):
+        with naming(out / name):
+            (out / name).write_text(json.dumps(data, indent=2))
+    for name in ("model.safetensors", "config.json", "generation_config.json"):
+        fsync_file(out / name)
 
 
 def write_safetensors(

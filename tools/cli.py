@@ -132,7 +132,7 @@ def _progress(desc: str):
     help="With int8/int4: weights per quantization scale along the input dimension "
     "(power of two >= 16) [default: 128 for int8, 32 for int4].",
 )
-@click.option("--force", is_flag=True, help="Replace OUTPUT_DIR if it exists and is not empty.")
+@click.option("--force", is_flag=True, help="Replace OUTPUT_DIR if it is a moeport artifact (never anything else).")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def export_cmd(
     checkpoint_dir: Path,
@@ -625,12 +625,14 @@ def inspect_cmd(artifact_dir: Path, no_verify: bool) -> None:
 )
 def make_checkpoint_cmd(output_dir: Path, preset: str, seed: int, dtype: str | None) -> None:
     """Write a random-weight DeepSeek-architecture checkpoint (numpy only) to OUTPUT_DIR, for tests and benchmarks."""
+    from moeport.exporter.outdir import OutputError
     from moeport.tools.checkpoints import make_checkpoint
 
-    if output_dir.exists() and any(output_dir.iterdir()):
-        raise click.UsageError(f"{output_dir} exists and is not empty")
     t0 = time.perf_counter()
-    out = make_checkpoint(output_dir, preset, seed=seed, dtype=dtype)
+    try:  # an occupied OUTPUT_DIR is a state of the disk, not a usage error: exit 1 as `export` does
+        out = make_checkpoint(output_dir, preset, seed=seed, dtype=dtype)
+    except OutputError as exc:
+        raise click.ClickException(str(exc)) from exc
     size = sum(f.stat().st_size for f in out.iterdir())
     click.echo(f"wrote {preset} checkpoint to {out} ({size / 1e6:.1f} MB) in {time.perf_counter() - t0:.1f}s")
 
