@@ -5,6 +5,13 @@ A :class:`Request` is one generation on one :class:`~moeport.runtime.model.Sessi
 being prefilled and sequences being decoded share the call, with different lengths padded and
 masked. Requests may join between steps and leave as soon as they finish (continuous batching).
 Single-session ``generate``/``stream`` use the same machinery with a batch of one.
+
+Faults stay with their request: when the batched call raises, the batch is split in halves until the
+failing requests are found; each ends with its error (``finish_reason == "error"``; ``result()`` and
+its stream raise :class:`RequestFailed`), its session keeps exactly the tokens that went in, and the
+others go on with the tokens they would have had alone. The same holds for an exception while a
+token is accepted (non-finite logits, the sampler, the detokenizer, the stop matcher). A request owns
+its session until it finishes: a second generation or a direct call on that session is refused.
 """
 
 from __future__ import annotations
@@ -17,7 +24,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from .sampling import Sampler, SamplingParams
+from .sampling import Sampler, SamplingError, SamplingParams, nonfinite_logits
 from .text import IncrementalDetokenizer, ReasoningSplitter, StopStringMatcher, TextDelta
 
 if TYPE_CHECKING:
@@ -28,7 +35,25 @@ class GenerationError(ValueError):
     """Bad input to a session: empty prompt, token out of vocabulary, context too long, ..."""
 
 
-FINISH_REASONS = ("eos", "stop", "length", "context")
+class RequestFailed(GenerationError):
+    """A request ended with an error (a backend fault, non-finite logits, ...); ``cause`` is the original
+    exception. Only this request ended: the others in its batch went on."""
+
+    def __init__(self, message: str, cause: BaseException | None = None):
+        super().__init__(message)
+        self.cause = cause
+        self.__cause__ = cause
+
+
+# "cancelled": the consumer stopped (a closed stream); "error": see Request.error
+FINISH_REASONS = ("eos", "stop", "length", "context", "cancelled", "error")
+
+
+def _describe(exc: BaseException) -> str:
+    """An exception as one line: our own errors by their message, others with their type."""
+    if isinstance(exc, (GenerationError, SamplingError)):
+        return str(exc)
+    return f"{type(exc).__name__}: {exc}"
 
 
 @dataclass
@@ -56,7 +81,11 @@ class Completion:
 
 
 class Request:
-    """One generation in progress: sampling state, text state, stop checks."""
+    """One generation in progress: sampling state, text state, stop checks.
+
+    ``done`` once finished; ``finish_reason`` says why, and ``error`` holds the :class:`RequestFailed`
+    of a request that ended with an error (``result()`` raises it).
+    """
 
     def __init__(self, session: Session, prompt_ids: Sequence[int], params: SamplingParams, in_reasoning: bool = False):
         model = session.model
@@ -82,8 +111,11 @@ class Request:
         self.splitter = ReasoningSplitter(in_reasoning)
         self.text_parts: list[str] = []
         self.deltas: list[TextDelta] = []  # produced and not yet consumed by a stream
+        self._deltas_lock = threading.Lock()  # the engine thread adds, a client thread takes
         self.tokens: list[int] = []
         self.finish_reason: str | None = None
+        self.error: RequestFailed | None = None
+        self.ownership: object | None = None  # the session's ownership token while a generator runs this
         self.started = time.perf_counter()
         self.first_token_at: float | None = None
         self.finished_at: float | None = None
@@ -94,8 +126,18 @@ class Request:
     def done(self) -> bool:
         return self.finish_reason is not None
 
+    @property
+    def step_number(self) -> int:
+        """The 1-based number of the token being generated."""
+        return len(self.tokens) + 1
+
     def accept(self, logits: np.ndarray) -> None:
         """Pick the next token from the last position's logits and update every stop condition."""
+        problem = nonfinite_logits(logits)
+        if problem:
+            raise GenerationError(
+                f"step {self.step_number}: the model produced {problem} at token position {self.session.position - 1}"
+            )
         token = self.sampler(logits, self.history)
         if self.first_token_at is None:
             self.first_token_at = time.perf_counter()
@@ -117,24 +159,56 @@ class Request:
         else:
             self.pending = [token]
 
+    def fail(self, exc: BaseException, during: str = "") -> None:
+        """End this request with ``exc`` as its error (its text so far stays; nothing more is decoded)."""
+        if self.done:
+            return
+        where = f"step {self.step_number}: " if not str(exc).startswith("step ") else ""
+        self.error = RequestFailed(f"{where}{during}{_describe(exc)}", exc)
+        with self._deltas_lock:
+            try:
+                self.deltas.extend(self.splitter.flush())
+            except Exception:  # noqa: BLE001 - the text state may be what failed
+                pass
+        self._end("error")
+
+    def cancel(self) -> None:
+        """End this request now (e.g. its consumer went away), keeping the text produced so far."""
+        if not self.done:
+            self._finish("cancelled")
+
     def _text(self, text: str) -> None:
         if text:
             self.text_parts.append(text)
-            self.deltas.extend(self.splitter.push(text))
+            deltas = self.splitter.push(text)
+            with self._deltas_lock:
+                self.deltas.extend(deltas)
 
     def _finish(self, reason: str) -> None:
         if self.detok is not None and reason != "stop":
             self._text(self.stopper.push(self.detok.flush())[0] + self.stopper.flush())
-        self.deltas.extend(self.splitter.flush())
-        self.finish_reason = reason
+        deltas = self.splitter.flush()
+        with self._deltas_lock:
+            self.deltas.extend(deltas)
+        self._end(reason)
+
+    def _end(self, reason: str) -> None:
         self.pending = []
         self.finished_at = time.perf_counter()
+        self.finish_reason = reason  # last: another thread polling `done` then sees the whole outcome
+        if self.ownership is not None:
+            self.session._release(self.ownership)
+            self.ownership = None
 
     def take_deltas(self) -> list[TextDelta]:
-        out, self.deltas = self.deltas, []
+        with self._deltas_lock:
+            out, self.deltas = self.deltas, []
         return out
 
     def result(self) -> Completion:
+        """The finished generation (so far, if it is still running); raises the request's error if it failed."""
+        if self.error is not None:
+            raise self.error
         end = self.finished_at or time.perf_counter()
         first = self.first_token_at or end
         text = "".join(self.text_parts) if self.detok is not None else None
@@ -153,7 +227,11 @@ class Request:
 
 
 class BatchGenerator:
-    """Advances many requests together: one backend call per :meth:`step` (continuous batching)."""
+    """Advances many requests together: one backend call per :meth:`step` (continuous batching).
+
+    Thread-safe: :meth:`submit` and :meth:`cancel` may be called from any thread while another thread
+    (an engine loop) calls :meth:`step`; steps are serialized.
+    """
 
     def __init__(self, model: Model, max_batch: int = 16):
         if max_batch < 1:
@@ -162,41 +240,76 @@ class BatchGenerator:
         self.max_batch = max_batch
         self.waiting: list[Request] = []
         self.active: list[Request] = []
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # guards waiting/active; held only briefly
+        self._step_lock = threading.RLock()  # one step at a time
 
     def submit(
         self, session: Session, prompt: Sequence[int] | str, params: SamplingParams | None = None, **overrides
     ) -> Request:
-        """Queue a generation; it joins the batch at the next step."""
-        req = session.request(prompt, params, **overrides)
-        if any(r.session is session for r in self.waiting + self.active):
-            raise GenerationError("a session can run one generation at a time; fork() it for parallel branches")
+        """Queue a generation; it joins the batch at the next step. The request owns ``session`` until it
+        finishes: a session that is already generating is refused."""
+        ownership = session._claim()
+        try:
+            req = session.request(prompt, params, **overrides)
+        except BaseException:
+            session._release(ownership)
+            raise
+        if req.done:  # nothing to generate (max_new_tokens=0)
+            session._release(ownership)
+            return req
+        req.ownership = ownership
         with self._lock:
-            if req.done:
-                return req
             self.waiting.append(req)
         return req
 
     @property
     def busy(self) -> bool:
-        return bool(self.waiting or self.active)
+        with self._lock:
+            return bool(self.waiting or self.active)
+
+    def cancel(self, req: Request) -> None:
+        """End ``req`` between steps (finish_reason "cancelled") and release its session."""
+        with self._step_lock:
+            with self._lock:
+                if req in self.waiting:
+                    self.waiting.remove(req)
+                self.active = [r for r in self.active if r is not req]
+            req.cancel()
 
     def step(self) -> list[Request]:
-        """One backend call for every active request; returns the requests that finished in it."""
-        with self._lock:
-            while self.waiting and len(self.active) < self.max_batch:
-                self.active.append(self.waiting.pop(0))
-            batch = list(self.active)
-            if not batch:
-                return []
-            rows = self.model.forward_batch([(r.session, r.pending) for r in batch])
-            finished = []
-            for req, logits in zip(batch, rows, strict=True):
-                req.accept(logits[-1])
-                if req.done:
-                    finished.append(req)
-            self.active = [r for r in self.active if not r.done]
+        """One backend call for every active request; returns the requests that finished in it (with an
+        error too: a failing request never makes this raise)."""
+        with self._step_lock:
+            with self._lock:
+                while self.waiting and len(self.active) < self.max_batch:
+                    self.active.append(self.waiting.pop(0))
+                batch = [r for r in self.active if not r.done]
+            for req, out in self._forward(batch):
+                if isinstance(out, BaseException):
+                    req.fail(out, "the model call failed: ")
+                    continue
+                try:
+                    req.accept(out[-1])
+                except Exception as exc:  # noqa: BLE001 - delivered to the request
+                    req.fail(exc)
+            finished = [r for r in batch if r.done]
+            with self._lock:
+                self.active = [r for r in self.active if not r.done]
             return finished
+
+    def _forward(self, batch: list[Request]) -> list[tuple[Request, np.ndarray | BaseException]]:
+        """Each request's logits, or the exception that its own call raised: a failed batched call is
+        split in halves until the failing requests are found (the model call is all or nothing)."""
+        if not batch:
+            return []
+        try:
+            rows = self.model._forward([(r.session, r.pending) for r in batch], 1, [r.ownership for r in batch])
+            return list(zip(batch, rows, strict=True))
+        except Exception as exc:  # noqa: BLE001 - delivered to the failing requests
+            if len(batch) == 1:
+                return [(batch[0], exc)]
+            half = len(batch) // 2
+            return self._forward(batch[:half]) + self._forward(batch[half:])
 
     def run(self) -> None:
         """Step until every submitted request has finished."""
@@ -204,9 +317,12 @@ class BatchGenerator:
             self.step()
 
     def stream(self, req: Request) -> Iterator[TextDelta]:
-        """Step the whole batch until ``req`` finishes, yielding ``req``'s deltas as they come."""
+        """Step the whole batch until ``req`` finishes, yielding ``req``'s deltas as they come; raises
+        ``req``'s :class:`RequestFailed` if it ends with an error."""
         while True:
             yield from req.take_deltas()
             if req.done:
+                if req.error is not None:
+                    raise req.error
                 return
             self.step()

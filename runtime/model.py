@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 import time
+import weakref
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -150,66 +151,100 @@ class Model:
         One session runs on views of its own cache buffers (no copy). Several are right-aligned: each
         cache sits just before the shared new-token block and its new tokens at the block's end;
         padding is masked out of attention, and each session keeps only its own new rows.
+        All or nothing: if the call raises, no session has advanced. Sessions that are generating are
+        refused.
         """
-        program = self.program
-        if program is None:
+        return self._forward(items, logits_to_keep)
+
+    def _forward(
+        self,
+        items: Sequence[tuple[Session, Sequence[int]]],
+        logits_to_keep: int,
+        owners: Sequence[object | None] | None = None,
+    ) -> list[np.ndarray]:
+        """:meth:`forward_batch` for the generation that owns each session (``owners[i]``: its ownership
+        token from ``Session._claim``, None for a session no generation may own)."""
+        if self.program is None:
             raise GenerationError("the model was closed; load it again to use its sessions")
         sessions = [s for s, _ in items]
         if len({id(s) for s in sessions}) != len(sessions):
             raise GenerationError("the same session appears twice in one batch")
-        if self.cache_capacity is not None and len(items) > 1:  # static graphs: one sequence per call
-            return [self.forward_batch([item], logits_to_keep)[0] for item in items]
+        owners = list(owners) if owners is not None else [None] * len(sessions)
+        for s, owner in zip(sessions, owners, strict=True):
+            s._check_owner(owner, "prefill/step/forward")  # fail fast, before waiting for its lock
         locks = sorted(sessions, key=id)
         for s in locks:
             s._lock.acquire()
         try:
-            news = [s.check_ids(ids) for s, ids in items]
+            for s, owner in zip(sessions, owners, strict=True):
+                s._check_owner(owner, "prefill/step/forward")
             pasts = [s.position for s in sessions]
-            b, p, n = len(items), max(pasts), max(len(x) for x in news)
-            keep = min(max(1, logits_to_keep), n)
-            ids = np.zeros((b, n), np.int64)
-            pos = np.zeros((b, n), np.int64)
-            if self.cache_capacity is not None:  # the whole fixed buffers; rows past the sequence are masked
-                p = self.cache_capacity
-            mask = np.zeros((b, p + n), np.int64)
-            for r, (new, past) in enumerate(zip(news, pasts, strict=True)):
-                k = len(new)
-                ids[r, n - k :] = new
-                pos[r, n - k :] = np.arange(past, past + k)
-                if self.cache_capacity is not None:
-                    mask[r, :past] = 1  # the sequence's rows start the fixed buffer
-                else:
-                    mask[r, p - past : p] = 1  # right-aligned just before the new-token block
-                mask[r, p + n - k :] = 1
-            if self.cache_capacity is not None:
-                caches = list(sessions[0].cache.buffers)
-            elif b == 1:
-                caches = sessions[0].cache.views()
-            else:
-                caches = [np.zeros((b, p, self.latent_dim), np.float32) for _ in range(self.num_layers)]
-                for r, (s, past) in enumerate(zip(sessions, pasts, strict=True)):
-                    for layer, view in enumerate(s.cache.views()):
-                        caches[layer][r, p - past :] = view[0]
-            feeds = {
-                "input_ids": ids,
-                "position_ids": pos,
-                "attention_mask": mask,
-                "logits_to_keep": np.array([keep], np.int64),
-            }
-            feeds.update(zip(self._cache_in, caches, strict=True))
-            out = program.run(feeds)
-            logits = out["logits"]
-            rows_out = [out[name] for name in self._cache_out]  # [B, n, D] per layer
-            result = []
-            for r, (s, new) in enumerate(zip(sessions, news, strict=True)):
-                k = len(new)
-                s.cache.append([rows[r : r + 1, n - k :] for rows in rows_out])
-                s.tokens.extend(int(t) for t in new)
-                result.append(logits[r, keep - min(k, keep) :])
-            return result
+            try:
+                if self.cache_capacity is not None and len(items) > 1:  # static graphs: one sequence per call
+                    return [self._run([item], logits_to_keep)[0] for item in items]
+                return self._run(items, logits_to_keep)
+            except BaseException:
+                for s, past in zip(sessions, pasts, strict=True):  # no half-appended cache: back to before
+                    s._rollback(past)
+                raise
         finally:
             for s in reversed(locks):
                 s._lock.release()
+
+    def _run(self, items: Sequence[tuple[Session, Sequence[int]]], logits_to_keep: int) -> list[np.ndarray]:
+        """One backend call for ``items`` (their sessions locked); appends each session's new rows."""
+        program = self.program
+        if program is None:
+            raise GenerationError("the model was closed; load it again to use its sessions")
+        sessions = [s for s, _ in items]
+        news = [s.check_ids(ids) for s, ids in items]
+        pasts = [s.position for s in sessions]
+        b, p, n = len(items), max(pasts), max(len(x) for x in news)
+        keep = min(max(1, logits_to_keep), n)
+        ids = np.zeros((b, n), np.int64)
+        pos = np.zeros((b, n), np.int64)
+        if self.cache_capacity is not None:  # the whole fixed buffers; rows past the sequence are masked
+            p = self.cache_capacity
+        mask = np.zeros((b, p + n), np.int64)
+        for r, (new, past) in enumerate(zip(news, pasts, strict=True)):
+            k = len(new)
+            ids[r, n - k :] = new
+            pos[r, n - k :] = np.arange(past, past + k)
+            if self.cache_capacity is not None:
+                mask[r, :past] = 1  # the sequence's rows start the fixed buffer
+            else:
+                mask[r, p - past : p] = 1  # right-aligned just before the new-token block
+            mask[r, p + n - k :] = 1
+        if self.cache_capacity is not None:
+            caches = list(sessions[0].cache.buffers)
+        elif b == 1:
+            caches = sessions[0].cache.views()
+        else:
+            caches = [np.zeros((b, p, self.latent_dim), np.float32) for _ in range(self.num_layers)]
+            for r, (s, past) in enumerate(zip(sessions, pasts, strict=True)):
+                for layer, view in enumerate(s.cache.views()):
+                    caches[layer][r, p - past :] = view[0]
+        feeds = {
+            "input_ids": ids,
+            "position_ids": pos,
+            "attention_mask": mask,
+            "logits_to_keep": np.array([keep], np.int64),
+        }
+        feeds.update(zip(self._cache_in, caches, strict=True))
+        out = program.run(feeds)
+        logits = out["logits"]
+        rows_out = [out[name] for name in self._cache_out]  # [B, n, D] per layer
+        result = []
+        for r, (s, new) in enumerate(zip(sessions, news, strict=True)):
+            k = len(new)
+            s.cache.append([rows[r : r + 1, n - k :] for rows in rows_out])
+            s.tokens.extend(int(t) for t in new)
+            result.append(logits[r, keep - min(k, keep) :])
+        return result
+
+
+class _Ownership:
+    """The token by which one generation owns a session (see ``Session._claim``)."""
 
 
 class Session:
@@ -217,15 +252,65 @@ class Session:
 
     Sessions of one model share its weights; each owns its cache. A session may be used from any
     thread (calls on one session are serialized); ``fork()`` copies a prefix for parallel branches.
+    While a generation runs on a session it owns it: a second generation, and ``prefill``/``step``/
+    ``forward``/``reset``/``truncate``/``fork``, raise :class:`GenerationError` until it ends.
     """
 
     def __init__(self, model: Model):
         self.model = model
         self._lock = threading.RLock()
-        self.reset()
+        self._owner: weakref.ref[_Ownership] | None = None  # the running generation's token (weak: a
+        # request dropped unfinished, e.g. with its abandoned generator, frees the session)
+        self._reset()
 
+    # -- ownership by a generation ---------------------------------------------------------------
+    def _current_owner(self) -> _Ownership | None:
+        ref = self._owner
+        return ref() if ref is not None else None
+
+    def _claim(self) -> _Ownership:
+        """Make the session owned by a new generation; refused while another one runs."""
+        token = _Ownership()
+        self._check_owner(None, "generate")
+        with self._lock:
+            self._check_owner(None, "generate")
+            self._owner = weakref.ref(token)
+        return token
+
+    def _release(self, token: object) -> None:
+        with self._lock:
+            if self._current_owner() is token:
+                self._owner = None
+
+    @property
+    def generating(self) -> bool:
+        """Whether a generation currently owns this session."""
+        return self._current_owner() is not None
+
+    def _check_owner(self, owner: object | None, what: str) -> None:
+        current = self._current_owner()
+        if current is None or current is owner:
+            return
+        if what == "generate":
+            raise GenerationError("session is already generating; fork() it for parallel branches")
+        raise GenerationError(
+            f"{what}: session is generating; wait until its generation ends, or fork() it for parallel branches"
+        )
+
+    def _rollback(self, length: int) -> None:
+        """Back to ``length`` tokens after a failed call (rows past the length are never read)."""
+        self.cache.truncate(min(length, self.cache.length))
+        del self.tokens[length:]
+
+    # -- the sequence ----------------------------------------------------------------------------
     def reset(self) -> None:
         """Forget the sequence: empty cache, position 0."""
+        self._check_owner(None, "reset")
+        with self._lock:
+            self._check_owner(None, "reset")
+            self._reset()
+
+    def _reset(self) -> None:
         with self._lock:
             m = self.model
             if m.cache_capacity is None:
@@ -236,7 +321,9 @@ class Session:
 
     def fork(self) -> Session:
         """A new session starting from this one's cache (e.g. a shared system prompt), independent after."""
+        self._check_owner(None, "fork")
         with self._lock:
+            self._check_owner(None, "fork")
             child = Session(self.model)
             child.cache = self.cache.copy()
             child.tokens = list(self.tokens)
@@ -244,7 +331,9 @@ class Session:
 
     def truncate(self, length: int) -> None:
         """Keep only the first ``length`` tokens of the sequence (e.g. to re-use a shared prefix)."""
+        self._check_owner(None, "truncate")
         with self._lock:
+            self._check_owner(None, "truncate")
             if not 0 <= length <= self.position:
                 raise GenerationError(f"cannot truncate a {self.position}-token session to {length} tokens")
             self.cache.truncate(length)
@@ -313,15 +402,24 @@ class Session:
         ``temperature``, ``top_p``, ``seed``, ``stop``, ``ignore_eos``, ...)."""
         gen = BatchGenerator(self.model, 1)
         req = gen.submit(self, prompt, params, **overrides)
-        gen.run()
+        try:
+            gen.run()
+        finally:
+            if not req.done:  # interrupted (KeyboardInterrupt, ...): the session is free again
+                gen.cancel(req)
         return req.result()
 
     def stream(
         self, prompt: Sequence[int] | str, params: SamplingParams | None = None, **overrides: Any
     ) -> Iterator[TextDelta]:
         """Like :meth:`generate`, yielding text deltas labelled ``reasoning`` or ``content`` as they come.
-        The finished :class:`Completion` is the generator's return value."""
+        The finished :class:`Completion` is the generator's return value. Closing the stream early
+        cancels the generation (the session keeps what went in so far)."""
         gen = BatchGenerator(self.model, 1)
         req = gen.submit(self, prompt, params, **overrides)
-        yield from gen.stream(req)
+        try:
+            yield from gen.stream(req)
+        finally:
+            if not req.done:
+                gen.cancel(req)
         return req.result()

@@ -2,11 +2,15 @@
 
 The order follows transformers' logits processors: repetition penalty, then temperature, top-k,
 top-p and min-p, then a draw from the remaining distribution. ``seed`` makes draws reproducible.
+
+Logits must be finite, except -inf for tokens masked out on purpose (a constraint, a grammar): NaN or
++inf is refused with an error, never turned into an arbitrary token.
 """
 
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -107,6 +111,26 @@ def generation_defaults(gen: dict[str, Any], source: str = "generation_config.js
     return out
 
 
+def nonfinite_logits(logits: np.ndarray, allow_masked: bool = False) -> str | None:
+    """None when ``logits`` are finite (``allow_masked``: -inf allowed where not every entry is -inf),
+    else what is wrong ("NaN logits (3 of 256, first at token id 17)").
+
+    Cheap on the finite path (one float64 sum, no temporary array): it runs on every step's [vocab] row.
+    """
+    x = np.asarray(logits)
+    if math.isfinite(float(np.sum(x, dtype=np.float64))):
+        return None
+    nan = np.isnan(x)
+    if nan.any():
+        return f"NaN logits ({int(nan.sum())} of {x.size}, first at token id {int(np.flatnonzero(nan)[0])})"
+    bad = np.isposinf(x) if allow_masked else np.isinf(x)
+    if bad.any():
+        return f"infinite logits ({int(bad.sum())} of {x.size}, first at token id {int(np.flatnonzero(bad)[0])})"
+    if allow_masked and np.isneginf(x).all():
+        return "-inf logits for every token (every token is masked out)"
+    return None  # a float64 sum that overflowed on finite values
+
+
 def _is_int(x: Any) -> bool:
     return isinstance(x, (int, np.integer)) and not isinstance(x, bool)
 
@@ -125,6 +149,9 @@ class Sampler:
     def probabilities(self, logits: np.ndarray, history: Sequence[int] = ()) -> np.ndarray:
         """The distribution the next token is drawn from (all mass on argmax when greedy)."""
         p = self.params
+        problem = nonfinite_logits(logits, allow_masked=True)
+        if problem:
+            raise SamplingError(f"cannot sample from {problem}")
         x = np.array(logits, dtype=np.float64)
         if p.repetition_penalty != 1.0 and len(history):
             seen = np.unique(np.asarray(history, dtype=np.int64))
