@@ -24,11 +24,24 @@ def _token_text(tok: Any) -> str | None:
 
 class ChatTemplate:
     """A Hugging Face chat template rendered with jinja2 the way transformers renders it
-    (sandboxed, ``trim_blocks``/``lstrip_blocks``, ``raise_exception``, ``tojson``)."""
+    (sandboxed, ``trim_blocks``/``lstrip_blocks``, ``raise_exception``, ``tojson``).
 
-    def __init__(self, source: str, bos_token: str | None = None, eos_token: str | None = None):
+    Templates come with downloaded models, so a render is capped (``runtime/template_limits.py``): at
+    most ``time_limit`` seconds, no value or output above ``max_size`` characters/items; going over
+    raises :class:`TextError` ("chat template exceeded ...").
+    """
+
+    def __init__(
+        self,
+        source: str,
+        bos_token: str | None = None,
+        eos_token: str | None = None,
+        time_limit: float = 2.0,
+        max_size: int = 1 << 24,
+    ):
         import jinja2
-        from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+        from .template_limits import CappedEnvironment, TemplateLimitExceeded
 
         def raise_exception(message: str) -> None:
             raise TextError(f"chat template error: {message}")
@@ -38,34 +51,55 @@ class ChatTemplate:
         ) -> str:
             return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
 
-        env = ImmutableSandboxedEnvironment(
-            trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"]
-        )
-        env.filters["tojson"] = tojson
+        env = CappedEnvironment(max_size, trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
+        env.filters["tojson"] = env._checked_filter("tojson", tojson)
         env.globals["raise_exception"] = raise_exception
         try:
             self._template = env.from_string(source)
         except jinja2.TemplateError as exc:
             raise TextError(f"chat template does not parse: {exc}") from exc
+        except TemplateLimitExceeded as exc:  # a constant expression folded while compiling
+            raise TextError(str(exc)) from None
         self.source = source
         self.bos_token, self.eos_token = bos_token, eos_token
+        self.time_limit, self.max_size = time_limit, max_size
 
     def render(self, messages: Sequence[dict[str, Any]], add_generation_prompt: bool = True, **kwargs: Any) -> str:
+        from .template_limits import TemplateLimitExceeded, time_limit
+
         for m in messages:
             if not isinstance(m, dict) or "role" not in m or "content" not in m:
                 raise TextError(f"chat messages need 'role' and 'content', got {m!r}")
+        parts: list[str] = []
+        size = 0
         try:
-            return self._template.render(
-                messages=list(messages),
-                add_generation_prompt=add_generation_prompt,
-                bos_token=self.bos_token or "",
-                eos_token=self.eos_token or "",
-                **kwargs,
-            )
+            with time_limit(self.time_limit):
+                chunks = self._template.generate(
+                    messages=list(messages),
+                    add_generation_prompt=add_generation_prompt,
+                    bos_token=self.bos_token or "",
+                    eos_token=self.eos_token or "",
+                    **kwargs,
+                )
+                try:
+                    for chunk in chunks:
+                        size += len(chunk)
+                        if size > self.max_size:
+                            raise TemplateLimitExceeded(
+                                f"chat template exceeded the output limit ({self.max_size} characters)"
+                            )
+                        parts.append(chunk)
+                finally:
+                    chunks.close()
+        except TemplateLimitExceeded as exc:
+            raise TextError(str(exc)) from None
         except TextError:
             raise
+        except RecursionError:
+            raise TextError("chat template failed to render: too deep recursion") from None
         except Exception as exc:
             raise TextError(f"chat template failed to render: {exc}") from exc
+        return "".join(parts)
 
 
 class Tokenizer:
@@ -163,31 +197,53 @@ class Tokenizer:
 class IncrementalDetokenizer:
     """Turns a growing list of token ids into text deltas, never emitting half a UTF-8 character.
 
-    Decodes a small window of recent tokens (as vLLM and transformers' streamers do) so each step
-    costs O(1) tokens, and holds text back while it ends in an incomplete byte sequence (U+FFFD).
+    Decodes a small window of recent tokens (as vLLM and transformers' streamers do): the last emitted
+    piece as context, then the tokens not emitted yet. Text is held back while it ends in an incomplete
+    byte sequence (U+FFFD), for at most :attr:`MAX_HELD` tokens (then it is emitted as decoded: a
+    valid character never spans that many); a token that adds no text (a skipped special token) leaves
+    the window. So every push decodes O(MAX_HELD) tokens, whatever the run of tokens before it.
     """
+
+    MAX_HELD = 16
 
     def __init__(self, tokenizer: Tokenizer, skip_special_tokens: bool = True):
         self.tok = tokenizer
         self.skip = skip_special_tokens
         self.ids: list[int] = []
-        self.prefix_offset = 0  # start of the window decoded for context
-        self.read_offset = 0  # tokens before this were already emitted
+        self._window: list[int] = []  # context (already emitted), then the held-back tokens
+        self._read = 0  # window[:_read] is the context
+        self._prefix: str | None = ""  # decode(window[:_read]), None until needed again
+
+    @property
+    def window_size(self) -> int:
+        """Token ids decoded by each push (bounded by about 2 x MAX_HELD)."""
+        return len(self._window)
+
+    def _prefix_text(self) -> str:
+        if self._prefix is None:
+            self._prefix = self.tok.decode(self._window[: self._read], self.skip)
+        return self._prefix
 
     def push(self, token_id: int) -> str:
         self.ids.append(int(token_id))
-        prefix = self.tok.decode(self.ids[self.prefix_offset : self.read_offset], self.skip)
-        full = self.tok.decode(self.ids[self.prefix_offset :], self.skip)
-        if len(full) <= len(prefix) or full.endswith("\ufffd"):
+        self._window.append(int(token_id))
+        prefix = self._prefix_text()
+        full = self.tok.decode(self._window, self.skip)
+        if full == prefix:
+            self._window.pop()  # adds nothing (a skipped special token): no need to decode it again
+            return ""
+        held = len(self._window) - self._read
+        if (len(full) <= len(prefix) or full.endswith("\ufffd")) and held < self.MAX_HELD:
             return ""  # nothing new yet, or an incomplete UTF-8 sequence: wait for the next token
-        self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
+        self._window = self._window[self._read :]
+        self._read, self._prefix = len(self._window), None
         return full[len(prefix) :]
 
     def flush(self) -> str:
         """Whatever is still held back (e.g. invalid bytes at the very end, shown as U+FFFD)."""
-        prefix = self.tok.decode(self.ids[self.prefix_offset : self.read_offset], self.skip)
-        full = self.tok.decode(self.ids[self.prefix_offset :], self.skip)
-        self.prefix_offset = self.read_offset = len(self.ids)
+        prefix = self._prefix_text()
+        full = self.tok.decode(self._window, self.skip)
+        self._window, self._read, self._prefix = [], 0, ""
         return full[len(prefix) :]
 
 

@@ -6,12 +6,14 @@ from __future__ import annotations
 import threading
 import time
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 from moeport.runtime import GenerationError, Sampler, SamplingError, SamplingParams, load
 from moeport.runtime.generate import RequestFailed
+from moeport.runtime.text import ChatTemplate, IncrementalDetokenizer, TextError, Tokenizer
 
 PROMPTS = [[3, 14, 15, 92, 65], [2, 71, 82], [1, 41, 42, 13, 56, 23, 9], [7, 8]]
 LONG = list(range(10, 40))  # 30 tokens: the only sequence that reaches position POISON
@@ -332,3 +334,118 @@ def test_the_sampler_refuses_nan_and_inf_but_keeps_minus_inf_masks(greedy):
     assert draws <= set(range(10)) and (draws == {9} if greedy else len(draws) > 1)
     with pytest.raises(SamplingError, match="every token"):
         Sampler(params)(np.full(16, -np.inf, np.float32))
+
+
+# -- text limits ---------------------------------------------------------------------------------
+
+
+class CountingTokenizer:
+    """Wraps a Tokenizer, counting the ids decoded."""
+
+    def __init__(self, tok):
+        self.tok, self.decoded = tok, 0
+
+    def decode(self, ids, skip_special_tokens=True):
+        self.decoded += len(ids)
+        return self.tok.decode(ids, skip_special_tokens)
+
+
+@pytest.fixture(scope="module")
+def byte_tokenizer(text_artifact):
+    return Tokenizer(text_artifact / "tokenizer.json", text_artifact / "tokenizer_config.json")
+
+
+@pytest.mark.parametrize("kind", ["special", "invalid-bytes"])
+def test_detokenizing_runs_of_empty_or_partial_tokens_is_linear(byte_tokenizer, kind):
+    """20k special tokens (decoded to "") or stray UTF-8 continuation bytes (U+FFFD) cost O(1) each."""
+    counting = CountingTokenizer(byte_tokenizer)
+    detok = IncrementalDetokenizer(counting)
+    if kind == "special":
+        token = 256  # <bos>, skipped
+    else:
+        token = byte_tokenizer.encode("é", add_special_tokens=False)[1]  # a lone continuation byte
+    out = [detok.push(token) for _ in range(20_000)]
+    out.append(detok.flush())
+    assert counting.decoded < 20_000 * 40, counting.decoded  # bounded window, not a growing one
+    assert detok.window_size <= 2 * IncrementalDetokenizer.MAX_HELD + 1
+    text = "".join(out)
+    if kind == "special":
+        assert text == ""
+    else:
+        assert set(text) == {"\ufffd"} and len(text) == 20_000
+
+
+def test_detokenizer_output_is_unchanged_for_text_and_multibyte(byte_tokenizer):
+    text = "plain words, héllo wörld — 你好, 🎉🎉 done " * 20
+    ids = byte_tokenizer.encode(text, add_special_tokens=False)
+    detok = IncrementalDetokenizer(byte_tokenizer)
+    deltas = [detok.push(i) for i in ids]
+    assert all("\ufffd" not in d for d in deltas)
+    assert "".join(deltas) + detok.flush() == text
+    # special tokens among the text are skipped, the text around them intact
+    detok = IncrementalDetokenizer(byte_tokenizer)
+    mixed = [*ids[:7], *[256] * 50, *ids[7:40]]
+    assert "".join(detok.push(i) for i in mixed) + detok.flush() == byte_tokenizer.decode(mixed)
+
+
+@pytest.mark.parametrize(
+    "source, what",
+    [
+        ("{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}", "time limit"),
+        (
+            "{% for a in [1,2,3,4,5,6,7,8,9,10] %}{% for b in [1,2,3,4,5,6,7,8,9,10] %}{% for c in range(100000) %}"
+            "{% endfor %}{% endfor %}{% endfor %}",
+            "time limit",
+        ),
+        (
+            "{% macro f(n) %}{% for i in [1,2,3,4,5,6,7,8,9,10] %}{{ f(n - 1) if n else '' }}{% endfor %}"
+            "{% endmacro %}{{ f(12) }}",
+            "time limit",
+        ),
+        ("{% for i in range(10**7) %}{% endfor %}", "range"),
+        ("{{ 'a' * 10**9 }}", "size limit.*'\\*' would build 1000000000 items"),
+        ("{{ [1, 2] * 10**9 }}", "size limit"),
+        ("{{ 2 ** (10 ** 9) }}", "size limit.*bit integer"),
+        ("{% set s = 'a' * 10000000 %}{{ s ~ s }}", "size limit.*'~'"),
+        (
+            "{% set s = namespace(v='x') %}{% for i in range(40) %}{% set s.v = s.v ~ s.v %}{% endfor %}{{ s.v }}",
+            "size limit.*'~'",
+        ),
+        ("{% set s = 'a' * 10000000 %}{{ s + s }}", "size limit.*'\\+'"),
+        ("{{ 'a'|center(1000000000) }}", "size limit.*center"),
+        ("{{ 'a'.ljust(1000000000) }}", "size limit.*ljust"),
+        ("{{ '{:>999999999}'.format(1) }}", "size limit.*format"),
+        ("{{ '%999999999s' % 1 }}", "size limit.*'%'"),
+        ("{{ ('a' * 1000000)|replace('a', 'b' * 100) }}", "size limit.*replace"),
+        ("{{ ('a' * 100000).join(['x'] * 1000) }}", "size limit.*join"),
+        ("{{ (['a' * 100000] * 1000)|join }}", "size limit.*join"),
+        ("{% for i in range(100000) %}{{ 'a' * 1000 }}{% endfor %}", "output limit"),
+    ],
+)
+def test_chat_template_is_capped(source, what):
+    start = time.perf_counter()
+    with pytest.raises(TextError, match=rf"chat template (exceeded|failed).*{what}"):
+        ChatTemplate(source, "<s>", "</s>", time_limit=1.0).render([{"role": "user", "content": "hi"}])
+    assert time.perf_counter() - start < 5
+    assert threading.active_count() < 50  # nothing left running
+
+
+def test_real_chat_templates_render_unchanged_and_fast():
+    """The DeepSeek-R1 template renders exactly as jinja2's plain sandbox renders it, well within the cap."""
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    template = (Path(__file__).parent / "data" / "deepseek_r1_chat_template.jinja").read_text()
+    plain = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
+    capped = ChatTemplate(template, "<s>", "</s>")
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "347+58 " * 2000}]
+    messages += [{"role": "assistant", "content": "<think>x</think>405"}]
+    for i in range(200):
+        messages += [{"role": "user", "content": f"and {i}?"}, {"role": "assistant", "content": f"<think>y</think>{i}"}]
+    for gen in (True, False):
+        start = time.perf_counter()
+        out = capped.render(messages, add_generation_prompt=gen)
+        assert time.perf_counter() - start < 1.0
+        want = plain.from_string(template).render(
+            messages=messages, add_generation_prompt=gen, bos_token="<s>", eos_token="</s>"
+        )
+        assert out == want and out.count("and ") >= 200
