@@ -43,6 +43,7 @@ import re
 import shutil
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -829,6 +830,8 @@ class NpuProgram:
 
     ``cache_capacity`` / ``cache_dtype`` tell the runtime to give every session a fixed-capacity cache
     of that dtype; each step receives the whole buffers and the mask saying which rows are valid.
+    Thread-safe: graph sessions are created once and runs are serialized (one device, and a run writes
+    its chunks' rows into the caller's buffers between graph calls).
     """
 
     def __init__(self, graph_set: VerifiedFiles, settings: NpuSettings, make_session, output_names: list[str]):
@@ -845,11 +848,13 @@ class NpuProgram:
             n.replace("new_latent", "past_latent") for n in output_names if n.startswith("new_latent.")
         ]
         self.calls: dict[str, int] = {name: 0 for name in self.graphs}
+        self._lock = threading.RLock()  # guards _sessions and calls; held for a whole run
 
     def session(self, name: str):
-        if name not in self._sessions:
-            self._sessions[name] = self._make_session(f"{name}.onnx")
-        return self._sessions[name]
+        with self._lock:
+            if name not in self._sessions:
+                self._sessions[name] = self._make_session(f"{name}.onnx")
+            return self._sessions[name]
 
     def _graph_for(self, n: int) -> tuple[str, int]:
         if n == 1:
@@ -881,6 +886,10 @@ class NpuProgram:
         return out["logits"][0, -1:], rows
 
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        with self._lock:
+            return self._run(feeds)
+
+    def _run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         ids = feeds["input_ids"]
         if ids.shape[0] != 1:
             raise BackendError("npu: the static graphs run one sequence at a time (batch 1)")

@@ -27,6 +27,7 @@ import os
 import shutil
 import sys
 import tempfile
+import threading
 import time
 import warnings
 from pathlib import Path
@@ -678,7 +679,11 @@ def _import(model, ops: set[str]):
 
 
 class TvmProgram:
-    """A Relax VM over the built library; inputs are passed positionally in graph-input order."""
+    """A Relax VM over the built library; inputs are passed positionally in graph-input order.
+
+    The Relax VM keeps per-call state (registers, the current frame) in the VM object and is not
+    thread-safe: calls from several threads (sessions generating in parallel) are serialized.
+    """
 
     def __init__(
         self,
@@ -701,6 +706,7 @@ class TvmProgram:
         self.cache_hit = cache_hit
         self.build_seconds = build_s
         self.library = library
+        self._lock = threading.Lock()  # one VM call at a time
 
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         tvm = self._tvm
@@ -716,9 +722,10 @@ class TvmProgram:
             m = feeds["attention_mask"]
             feeds["attention_mask"] = np.concatenate([np.zeros((m.shape[0], 1), m.dtype), m], axis=1)
         args = [tvm.runtime.tensor(np.ascontiguousarray(feeds[n]), dev) for n in self.input_names]
-        out = self.vm["main"](*args)
-        outs = [out[i] for i in range(len(out))] if len(self.output_names) > 1 else [out]
-        return {n: o.numpy() for n, o in zip(self.output_names, outs, strict=True)}
+        with self._lock:
+            out = self.vm["main"](*args)
+            outs = [out[i] for i in range(len(out))] if len(self.output_names) > 1 else [out]
+            return {n: o.numpy() for n, o in zip(self.output_names, outs, strict=True)}
 
 
 def _load_runtime_extra(tvm: Any) -> None:

@@ -449,3 +449,90 @@ def test_real_chat_templates_render_unchanged_and_fast():
             messages=messages, add_generation_prompt=gen, bos_token="<s>", eos_token="</s>"
         )
         assert out == want and out.count("and ") >= 200
+
+
+# -- backends that are not thread-safe are serialized --------------------------------------------
+
+
+class Overlap:
+    """Counts how many threads are inside a wrapped call at once (each call lingers a little)."""
+
+    def __init__(self):
+        self.inside = self.most = 0
+        self.lock = threading.Lock()
+
+    def wrap(self, fn):
+        def call(*args, **kwargs):
+            with self.lock:
+                self.inside += 1
+                self.most = max(self.most, self.inside)
+            try:
+                time.sleep(0.003)
+                return fn(*args, **kwargs)
+            finally:
+                with self.lock:
+                    self.inside -= 1
+
+        return call
+
+
+def generate_in_threads(model, prompts, n: int = 6) -> list[list[int]]:
+    got: dict[int, list[int]] = {}
+
+    def work(i):
+        got[i] = model.session().generate(prompts[i], max_new_tokens=n, ignore_eos=True).tokens
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(len(prompts))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    return [got[i] for i in range(len(prompts))]
+
+
+def test_the_tvm_vm_is_called_from_one_thread_at_a_time(tiny_artifact, tmp_path):
+    pytest.importorskip("tvm", reason="apache-tvm not installed")
+    import shutil
+
+    from moeport.backends.tvm import TvmBackend
+
+    art = shutil.copytree(tiny_artifact, tmp_path / "art")
+    model = load(art, backend=TvmBackend())
+    want = [alone(model, p, 6) for p in PROMPTS]
+    overlap = Overlap()
+    vm = model.program.vm
+
+    class ProbedVM:
+        def __getitem__(self, name):
+            return overlap.wrap(vm[name])
+
+    model.program.vm = ProbedVM()
+    assert generate_in_threads(model, PROMPTS) == want
+    assert overlap.most == 1
+
+
+def test_the_npu_program_creates_each_graph_once_and_runs_one_at_a_time(tiny_artifact, tmp_path):
+    import shutil
+
+    art = shutil.copytree(tiny_artifact, tmp_path / "art")
+    model = load(art, backend="npu-sim", buckets="4,16", cache_capacity=64, progress=False)
+    want = [alone(model, p, 6) for p in PROMPTS]
+    program = model.program
+    program._sessions.clear()  # graphs are created on first use: let the threads race for them
+    made: list[str] = []
+    runs = Overlap()
+    make = program._make_session
+
+    class ProbedSession:
+        def __init__(self, inner):
+            self.run = runs.wrap(inner.run)
+
+    def slow_make(graph):
+        made.append(Path(graph).stem)
+        time.sleep(0.05)
+        return ProbedSession(make(graph))
+
+    program._make_session = slow_make
+    assert generate_in_threads(model, PROMPTS) == want
+    assert sorted(made) == sorted(set(made))  # no graph built twice
+    assert runs.most == 1
