@@ -2,7 +2,9 @@
 weights, and int8/int4 block-quantized ones against their dequantized values.
 
 Run by tests/test_cpu_kernels.py as ``python kernel_check.py LIB`` with ``MOEPORT_KERNELS_ISA`` set
-(the library picks its path once per process); prints one JSON line.
+(the library picks its path once per process); prints one JSON line. ``python kernel_check.py LIB
+--memory`` instead reports, from a fresh process, what the library holds: per-thread scratch after
+threads exit, and the workspace pool after a large call then decode-sized ones.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 import ctypes
 import json
 import sys
+import threading
 
 import ml_dtypes
 import numpy as np
@@ -173,5 +176,79 @@ def main(path: str) -> None:
     )
 
 
+def _stats(lib, fn: str, n: int) -> list[int]:
+    out = [ctypes.c_int64() for _ in range(n)]
+    getattr(lib, fn)(*[ctypes.byref(x) for x in out])
+    return [x.value for x in out]
+
+
+def memory(path: str) -> None:
+    """Scratch of exited threads is freed; the pool gives back a large call's workspace once calls are small."""
+    lib = ctypes.CDLL(path)
+    p, i64 = ctypes.c_void_p, ctypes.c_int64
+    lib.moeport_latent_attention_serial.argtypes = [p, i64, i64, i64, i64, p, i64, p, p, ctypes.c_int]
+    lib.moeport_latent_attention_serial.argtypes += [ctypes.c_float, p]
+    lib.moeport_moe_serial.argtypes = [p, i64, i64, p, p, i64, p, p, p, p, i64, i64, i64, p, ctypes.c_int]
+    lib.moeport_moe_serial.argtypes += [ctypes.c_char_p, ctypes.c_size_t]
+    lib.moeport_buffer_cycle.argtypes = [ctypes.c_size_t]
+    rng = np.random.default_rng(0)
+    report: dict = {"scratch_before": _stats(lib, "moeport_scratch_stats", 2)}
+
+    def attention() -> None:  # uses the calling thread's scratch
+        q = rng.standard_normal((1, 16, 4, 64)).astype(np.float32)
+        new = rng.standard_normal((1, 4, 64)).astype(np.float32)
+        allowed = np.ones((1, 1, 4, 4), bool)
+        out = np.empty_like(q)
+        args = (q, 1, 16, 4, 64, None, 0, new, allowed, 0, 0.125, out)
+        assert lib.moeport_latent_attention_serial(*[_ptr(a) for a in args]) == 0
+
+    threads = 6
+    ran, leave = threading.Barrier(threads + 1), threading.Event()
+
+    def work() -> None:
+        attention()
+        ran.wait()
+        leave.wait()
+
+    workers = [threading.Thread(target=work) for _ in range(threads)]
+    for t in workers:
+        t.start()
+    ran.wait()
+    report["scratch_while_running"] = _stats(lib, "moeport_scratch_stats", 2)
+    leave.set()
+    for t in workers:
+        t.join()
+    report["scratch_after_exit"] = _stats(lib, "moeport_scratch_stats", 2)
+
+    # a prefill-sized MoE call (34 MB of workspace), then decode-sized ones
+    tokens, hidden, experts, inter, k = 2048, 512, 8, 16, 4
+    x = rng.standard_normal((tokens, hidden)).astype(np.float32)
+    idx = np.stack([rng.choice(experts, k, replace=False) for _ in range(tokens)]).astype(np.int64)
+    weights = rng.random((tokens, k)).astype(np.float32)
+    gate_up = rng.standard_normal((experts, 2 * inter, hidden)).astype(ml_dtypes.bfloat16)
+    down = rng.standard_normal((experts, hidden, inter)).astype(ml_dtypes.bfloat16)
+    err = ctypes.create_string_buffer(256)
+    rc, _ = _moe(lib, x, idx, weights, gate_up, down, inter, 16, err)
+    assert rc == 0, err.value
+    report["pool_after_prefill"] = _stats(lib, "moeport_pool_stats", 3)
+    for _ in range(100):
+        rc, _ = _moe(lib, x[:1], idx[:1], weights[:1], gate_up, down, inter, 16, err)
+        assert rc == 0, err.value
+    report["pool_after_decode"] = _stats(lib, "moeport_pool_stats", 3)
+    # a run of large requests reuses one buffer; small ones after it let it go
+    lib.moeport_buffer_cycle(512 << 20)
+    first = _stats(lib, "moeport_pool_stats", 3)
+    for _ in range(5):
+        lib.moeport_buffer_cycle(512 << 20)
+    report["pool_large_run"] = [first, _stats(lib, "moeport_pool_stats", 3)]
+    for _ in range(100):
+        lib.moeport_buffer_cycle(64 << 10)
+    report["pool_after_small"] = _stats(lib, "moeport_pool_stats", 3)
+    print(json.dumps(report))
+
+
 if __name__ == "__main__":
-    main(sys.argv[1])
+    if sys.argv[2:] == ["--memory"]:
+        memory(sys.argv[1])
+    else:
+        main(sys.argv[1])

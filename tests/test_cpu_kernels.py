@@ -15,6 +15,7 @@ import platform
 import shutil
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import ml_dtypes
@@ -74,6 +75,58 @@ def test_every_code_path_matches_numpy(lib_path):
         assert report["quantized_moe_max_rel_err"] < qtol, report
         assert report["bad_index_error"] == "expert index 9 out of range [0, 8) (token 2)", report
         assert report["attention_max_rel_err"] < 1e-5, report  # float32 sums over up to 2049 keys
+
+
+def test_scratch_of_exited_threads_is_freed_and_the_pool_trimmed(lib_path):
+    """Per-thread scratch goes with its thread; after a prefill-sized MoE call, decode-sized calls leave the
+    pool holding only what they use, while a run of large calls keeps reusing its buffer (fresh process)."""
+    out = subprocess.run(
+        [sys.executable, str(HERE / "kernel_check.py"), str(lib_path), "--memory"], capture_output=True, text=True
+    )
+    assert out.returncode == 0, out.stderr
+    report = json.loads(out.stdout.strip().splitlines()[-1])
+    assert report["scratch_before"] == [0, 0]
+    threads, held = report["scratch_while_running"]
+    assert threads == 6 and held > 0, report
+    assert report["scratch_after_exit"] == [0, 0], report
+    mb = 1 << 20
+    buffers, pooled, allocs = report["pool_after_prefill"]
+    assert pooled >= 30 * mb, report  # the prefill's workspace is kept for the next large call...
+    assert report["pool_after_decode"][1] < 16 * mb, report  # ...and let go once calls are decode-sized
+    (_, first_bytes, first_allocs), (_, bytes_after, allocs_after) = report["pool_large_run"]
+    assert first_bytes >= 512 * mb and allocs_after == first_allocs and bytes_after == first_bytes, report
+    assert report["pool_after_small"][1] < 16 * mb, report
+
+
+def test_operator_errors_from_threads_keep_their_own_message(lib_path):
+    """Shape errors raised on several threads at once each name their own shapes (the message was built in
+    one static buffer shared by every thread; the race is narrow, so this guards more than it reproduces)."""
+    rng = np.random.default_rng(0)
+    f = TensorProto.FLOAT
+    sess = _session(
+        lib_path,
+        [helper.make_node("LinearFp16", ["x", "wt"], ["y"], domain=cpu.KERNELS_DOMAIN)],
+        [helper.make_tensor_value_info("x", f, ["m", "k"])],
+        [helper.make_tensor_value_info("y", f, None)],
+        [numpy_helper.from_array(rng.standard_normal((5, 32)).astype(np.float16), "wt")],
+    )
+    wrong: list[str] = []
+
+    def hammer(features: int) -> None:
+        x = np.zeros((1, features), np.float32)
+        for _ in range(100):
+            try:
+                sess.run(None, {"x": x})
+            except Exception as exc:  # noqa: BLE001 - the message is what is checked
+                if f"x has {features} features" not in str(exc):
+                    wrong.append(str(exc))
+
+    threads = [threading.Thread(target=hammer, args=(n,)) for n in (17, 18, 19, 20)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not wrong, wrong[:3]
 
 
 def test_bf16_artifact_runs_on_the_kernels_and_matches_transformers(oracle_cache, lib_path):

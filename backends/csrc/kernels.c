@@ -18,6 +18,7 @@
 #include "kernels.h"
 
 #include <math.h>
+#include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -57,16 +58,69 @@ static inline float f16_to_f32(uint16_t h) {
   return f;
 }
 
+/* ---- per-thread scratch -------------------------------------------------------------------
+ * Each thread's buffers live in one ThreadScratch, found through a __thread pointer (the fast path:
+ * one load and a compare) and registered under a pthread key whose destructor frees them when the
+ * thread exits (ONNX Runtime pool threads of a closed session, Python threads that ran a model). */
+
+typedef struct {
+  void* buf[MOEPORT_SCRATCH_SLOTS];
+  size_t cap[MOEPORT_SCRATCH_SLOTS];
+} ThreadScratch;
+
+static pthread_key_t g_scratch_key;
+static pthread_once_t g_scratch_once = PTHREAD_ONCE_INIT;
+static int g_scratch_key_ok;
+static __thread ThreadScratch* t_scratch;
+static int64_t g_scratch_threads, g_scratch_bytes; /* live, for moeport_scratch_stats (atomics) */
+
+static void scratch_free(void* p) {
+  ThreadScratch* s = (ThreadScratch*)p;
+  size_t bytes = 0;
+  for (int i = 0; i < MOEPORT_SCRATCH_SLOTS; i++) {
+    free(s->buf[i]);
+    bytes += s->cap[i];
+  }
+  free(s);
+  __atomic_sub_fetch(&g_scratch_bytes, (int64_t)bytes, __ATOMIC_RELAXED);
+  __atomic_sub_fetch(&g_scratch_threads, 1, __ATOMIC_RELAXED);
+}
+
+static void scratch_key_init(void) { g_scratch_key_ok = pthread_key_create(&g_scratch_key, scratch_free) == 0; }
+
+/* The library may be unloaded while threads that used it live on: their destructor must not run then
+ * (its code is gone); their scratch is left to the process. */
+__attribute__((destructor)) static void scratch_key_delete(void) {
+  if (g_scratch_key_ok) pthread_key_delete(g_scratch_key);
+}
+
 /* A per-thread buffer of at least `bytes`, grown on demand and kept (slot: one buffer per use). */
 void* moeport_thread_scratch(int slot, size_t bytes) {
-  static __thread void* buf[MOEPORT_SCRATCH_SLOTS];
-  static __thread size_t cap[MOEPORT_SCRATCH_SLOTS];
-  if (bytes > cap[slot]) {
-    free(buf[slot]);
-    buf[slot] = aligned_alloc(64, (bytes + 63) & ~(size_t)63);
-    cap[slot] = buf[slot] ? bytes : 0;
+  ThreadScratch* s = t_scratch;
+  if (!s) {
+    pthread_once(&g_scratch_once, scratch_key_init);
+    if (!g_scratch_key_ok || !(s = (ThreadScratch*)calloc(1, sizeof *s))) return NULL;
+    if (pthread_setspecific(g_scratch_key, s)) {
+      free(s);
+      return NULL;
+    }
+    t_scratch = s;
+    __atomic_add_fetch(&g_scratch_threads, 1, __ATOMIC_RELAXED);
   }
-  return buf[slot];
+  if (bytes > s->cap[slot]) {
+    size_t rounded = (bytes + 63) & ~(size_t)63;
+    free(s->buf[slot]);
+    s->buf[slot] = aligned_alloc(64, rounded);
+    __atomic_add_fetch(&g_scratch_bytes, (int64_t)(s->buf[slot] ? rounded : 0) - (int64_t)s->cap[slot],
+                       __ATOMIC_RELAXED);
+    s->cap[slot] = s->buf[slot] ? rounded : 0;
+  }
+  return s->buf[slot];
+}
+
+void moeport_scratch_stats(int64_t* threads, int64_t* bytes) {
+  *threads = __atomic_load_n(&g_scratch_threads, __ATOMIC_RELAXED);
+  *bytes = __atomic_load_n(&g_scratch_bytes, __ATOMIC_RELAXED);
 }
 
 /* ---- weight rows -------------------------------------------------------------------------- */
@@ -712,24 +766,57 @@ static void pack(const float* x, int64_t m, int64_t ldx, const MoeportWeights* w
 
 /* ---- workspace ------------------------------------------------------------------------------
  * A call's large buffers are kept for the next call: fresh allocations of this size come straight
- * from mmap, and the kernel zeroing their pages cost as much as the expert products themselves. */
-#include <pthread.h>
+ * from mmap, and the kernel zeroing their pages cost as much as the expert products themselves.
+ * The pool follows the work: a buffer larger than POOL_FLOOR and than POOL_SLACK x the largest of
+ * the last POOL_RECENT requests is freed (when returned, or when a request finds it idle), so after a
+ * long prefill (~2 GB of MoE workspace for 4k tokens of DeepSeek-V3) decode keeps only what it uses,
+ * while a run of large calls (the layers of one prefill) keeps reusing its buffers. */
 
 #define POOL_SLOTS 8
+#define POOL_RECENT 64
+#define POOL_SLACK 4
+#define POOL_FLOOR ((size_t)16 << 20)
 static MoeportBuffer g_pool[POOL_SLOTS];
+static size_t g_recent[POOL_RECENT]; /* sizes of the last requests (ring) */
+static unsigned g_recent_next;
+static int64_t g_pool_allocs; /* buffers allocated, for tests */
 static pthread_mutex_t g_pool_lock = PTHREAD_MUTEX_INITIALIZER;
 
+/* The largest size worth keeping now (under the lock). */
+static size_t pool_keep_limit(void) {
+  size_t recent = 0;
+  for (int i = 0; i < POOL_RECENT; i++)
+    if (g_recent[i] > recent) recent = g_recent[i];
+  recent *= POOL_SLACK;
+  return recent > POOL_FLOOR ? recent : POOL_FLOOR;
+}
+
 MoeportBuffer moeport_buffer_get(size_t size) {
-  MoeportBuffer found = {NULL, 0};
+  MoeportBuffer found = {NULL, 0}, stale[POOL_SLOTS];
+  int n_stale = 0;
   pthread_mutex_lock(&g_pool_lock);
+  g_recent[g_recent_next++ % POOL_RECENT] = size;
+  size_t keep = pool_keep_limit();
   int best = -1;
-  for (int i = 0; i < POOL_SLOTS; i++)
-    if (g_pool[i].ptr && g_pool[i].size >= size && (best < 0 || g_pool[i].size < g_pool[best].size)) best = i;
+  for (int i = 0; i < POOL_SLOTS; i++) {
+    if (!g_pool[i].ptr) continue;
+    if (g_pool[i].size > keep) { /* idle and far larger than anything asked for lately */
+      stale[n_stale++] = g_pool[i];
+      g_pool[i].ptr = NULL;
+      g_pool[i].size = 0;
+    } else if (g_pool[i].size >= size && (best < 0 || g_pool[i].size < g_pool[best].size)) {
+      best = i;
+    }
+  }
   if (best >= 0) {
     found = g_pool[best];
     g_pool[best].ptr = NULL;
+    g_pool[best].size = 0;
+  } else {
+    g_pool_allocs++;
   }
   pthread_mutex_unlock(&g_pool_lock);
+  for (int i = 0; i < n_stale; i++) free(stale[i].ptr);
   if (found.ptr) return found;
   found.size = (size + 4095) & ~(size_t)4095;
   found.ptr = aligned_alloc(64, found.size ? found.size : 4096);
@@ -739,6 +826,11 @@ MoeportBuffer moeport_buffer_get(size_t size) {
 void moeport_buffer_put(MoeportBuffer b) {
   if (!b.ptr) return;
   pthread_mutex_lock(&g_pool_lock);
+  if (b.size > pool_keep_limit()) {
+    pthread_mutex_unlock(&g_pool_lock);
+    free(b.ptr);
+    return;
+  }
   int slot = -1;
   for (int i = 0; i < POOL_SLOTS && slot < 0; i++)
     if (!g_pool[i].ptr) slot = i;
@@ -757,6 +849,20 @@ void moeport_buffer_put(MoeportBuffer b) {
   pthread_mutex_unlock(&g_pool_lock);
   free(evicted.ptr);
 }
+
+void moeport_pool_stats(int64_t* buffers, int64_t* bytes, int64_t* allocs) {
+  pthread_mutex_lock(&g_pool_lock);
+  *buffers = *bytes = 0;
+  for (int i = 0; i < POOL_SLOTS; i++) {
+    if (!g_pool[i].ptr) continue;
+    (*buffers)++;
+    *bytes += (int64_t)g_pool[i].size;
+  }
+  *allocs = g_pool_allocs;
+  pthread_mutex_unlock(&g_pool_lock);
+}
+
+void moeport_buffer_cycle(size_t size) { moeport_buffer_put(moeport_buffer_get(size)); }
 
 /* ---- Linear: items are blocks of output rows ------------------------------------------------ */
 

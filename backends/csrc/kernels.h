@@ -72,6 +72,11 @@ void moeport_buffer_put(MoeportBuffer b);
  * slot per use, so that nested uses never share a buffer. */
 enum { MOEPORT_SCRATCH_ROWS = 0, MOEPORT_SCRATCH_TILES = 1, MOEPORT_SCRATCH_ATTENTION = 2, MOEPORT_SCRATCH_SLOTS = 3 };
 void* moeport_thread_scratch(int slot, size_t bytes);
+/* For tests (ctypes): live threads holding scratch and its bytes; pooled buffers, their bytes and how many
+ * buffers the pool has allocated; one get + put of a workspace buffer of `size` bytes. */
+MOEPORT_API void moeport_scratch_stats(int64_t* threads, int64_t* bytes);
+MOEPORT_API void moeport_pool_stats(int64_t* buffers, int64_t* bytes, int64_t* allocs);
+MOEPORT_API void moeport_buffer_cycle(size_t size);
 int moeport_has_avx512(void); /* the AVX-512 path is in use (cpu support and MOEPORT_KERNELS_ISA) */
 void moeport_serial_for(void* ctx, void (*fn)(void*, size_t), size_t n, void* data); /* a plain loop */
 

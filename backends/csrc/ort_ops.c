@@ -97,10 +97,11 @@ typedef struct {
 static int is_quantized(const MoeportOp* op) { return op->dtype == MOEPORT_Q8 || op->dtype == MOEPORT_Q4; }
 
 /* Weights [lead..., rows, k] from a stored tensor (half) or codes + scales (quantized); checks the
- * shapes against k. Returns NULL or a message in msg. */
+ * shapes against k. Returns NULL, or msg holding what is wrong (the caller's buffer: runs on several
+ * threads at once). */
+enum { MSG_LEN = 256 };
 static const char* weights_of(const MoeportOp* op, void* data, const int64_t* dims, size_t rank, void* scales,
-                              const int64_t* sdims, size_t srank, int64_t k, MoeportWeights* w) {
-  static char msg[256];
+                              const int64_t* sdims, size_t srank, int64_t k, MoeportWeights* w, char msg[MSG_LEN]) {
   int64_t cols = dims[rank - 1];
   w->dtype = op->dtype;
   w->data = (const uint8_t*)data;
@@ -112,7 +113,7 @@ static const char* weights_of(const MoeportOp* op, void* data, const int64_t* di
     char shape[96] = "";
     for (size_t i = 0; i < rank; i++)
       snprintf(shape + strlen(shape), sizeof shape - strlen(shape), "%s%lld", i ? ", " : "", (long long)dims[i]);
-    snprintf(msg, sizeof msg, "x has %lld features but the weight [%s] expects %lld", (long long)k, shape,
+    snprintf(msg, MSG_LEN, "x has %lld features but the weight [%s] expects %lld", (long long)k, shape,
              (long long)cols);
     return msg;
   }
@@ -120,14 +121,14 @@ static const char* weights_of(const MoeportOp* op, void* data, const int64_t* di
   int same_lead = srank == rank;
   for (size_t i = 0; same_lead && i + 1 < rank; i++) same_lead = sdims[i] == dims[i];
   if (cols * 8 != k * bits || !same_lead || sdims[srank - 1] < 1 || k % sdims[srank - 1]) {
-    snprintf(msg, sizeof msg,
+    snprintf(msg, MSG_LEN,
              "x has %lld features, which %lld-bit codes with %lld bytes per row and %lld scales per row do not fit",
              (long long)k, (long long)bits, (long long)cols, (long long)sdims[srank - 1]);
     return msg;
   }
   w->block = k / sdims[srank - 1];
   if (w->block < 16 || (w->block & (w->block - 1))) {
-    snprintf(msg, sizeof msg, "block size %lld (%lld features / %lld scales) is not a power of two >= 16",
+    snprintf(msg, MSG_LEN, "block size %lld (%lld features / %lld scales) is not a power of two >= 16",
              (long long)w->block, (long long)k, (long long)sdims[srank - 1]);
     return msg;
   }
@@ -150,7 +151,8 @@ static OrtStatus* linear_compute(const MoeportOp* op, OrtKernelContext* ctx) {
                                            : "expects x [..., K] and a 2-D weight [N, K]");
   int64_t k = xd[xr - 1], n = wd[0], m = 1;
   MoeportWeights weights;
-  const char* bad = weights_of(op, w, wd, wr, sc, sd, sr, k, &weights);
+  char msg[MSG_LEN];
+  const char* bad = weights_of(op, w, wd, wr, sc, sd, sr, k, &weights, msg);
   if (bad) return fail(op->name, bad);
   for (size_t i = 0; i + 1 < xr; i++) {
     m *= xd[i];
@@ -195,8 +197,9 @@ static OrtStatus* moe_compute(const MoeportOp* op, OrtKernelContext* ctx) {
     return fail(op->name, msg);
   }
   MoeportWeights gate_up, down;
-  const char* bad = weights_of(op, gu, gd, gr, gs, gsd, gsr, h, &gate_up);
-  if (!bad) bad = weights_of(op, dn, dd, dr, ds, dsd, dsr, inter, &down);
+  char msg[MSG_LEN];
+  const char* bad = weights_of(op, gu, gd, gr, gs, gsd, gsr, h, &gate_up, msg);
+  if (!bad) bad = weights_of(op, dn, dd, dr, ds, dsd, dsr, inter, &down, msg);
   if (bad) return fail(op->name, bad);
   if (q && gate_up.block != down.block) return fail(op->name, "gate_up and down have different block sizes");
   TRY(output(ctx, xd, 2, &y));
