@@ -2,7 +2,22 @@
 
 from __future__ import annotations
 
+import mmap
+
 import numpy as np
+
+_MAPPED_BYTES = 256 << 10  # blocks this large get pages of their own
+
+
+def _zeros_block(layers: int, capacity: int, dim: int, dtype: np.dtype) -> list[np.ndarray]:
+    """``layers`` zeroed ``[1, capacity, dim]`` buffers, views of one block. A large block is an anonymous
+    memory map, unmapped when its last view goes: an outgrown cache hands its pages back to the OS
+    (freed to malloc's heap they would stay with the process, as much again as the cache itself)."""
+    shape = (layers, 1, capacity, dim)
+    nbytes = layers * capacity * dim * dtype.itemsize
+    if nbytes < _MAPPED_BYTES:
+        return list(np.zeros(shape, dtype))
+    return list(np.frombuffer(mmap.mmap(-1, nbytes), dtype).reshape(shape))
 
 
 class LatentCache:
@@ -15,7 +30,7 @@ class LatentCache:
     def __init__(self, layers: int, dim: int, dtype: np.dtype = np.float32, capacity: int = 16, fixed: bool = False):
         """``fixed``: the capacity never grows (static-shape backends get the whole buffers every step)."""
         self.layers, self.dim, self.dtype, self.fixed = layers, dim, np.dtype(dtype), fixed
-        self.buffers = [np.zeros((1, capacity, dim), self.dtype) for _ in range(layers)]
+        self.buffers = _zeros_block(layers, capacity, dim, self.dtype)
         self.length = 0
 
     @property
@@ -39,11 +54,9 @@ class LatentCache:
             if self.fixed:
                 raise ValueError(f"the cache holds {self.capacity} rows; {self.length} + {n} do not fit")
             capacity = max(need, 2 * self.capacity)
-            grown = []
-            for buf in self.buffers:
-                new = np.zeros((1, capacity, self.dim), self.dtype)
+            grown = _zeros_block(self.layers, capacity, self.dim, self.dtype)
+            for new, buf in zip(grown, self.buffers, strict=True):
                 new[:, : self.length] = buf[:, : self.length]
-                grown.append(new)
             self.buffers = grown
         for buf, r in zip(self.buffers, rows, strict=True):
             buf[:, self.length : need] = r
