@@ -1,6 +1,6 @@
 """Load an artifact on a backend and run it: ``load(dir, backend="cpu").session()``."""
 
-from .generate import BatchGenerator, Completion, GenerationError, Request
+from .generate import BatchGenerator, Completion, GenerationError, Request, RequestFailed
 from .model import Model, Session, load
 from .sampling import Sampler, SamplingError, SamplingParams
 from .text import ReasoningSplitter, TextDelta, TextError, Tokenizer
@@ -13,6 +13,7 @@ __all__ = [
     "Request",
     "Completion",
     "GenerationError",
+    "RequestFailed",
     "SamplingParams",
     "Sampler",
     "SamplingError",
