@@ -13,6 +13,7 @@ import ctypes
 import json
 import sys
 import threading
+import time
 
 import ml_dtypes
 import numpy as np
@@ -218,6 +219,10 @@ def memory(path: str) -> None:
     leave.set()
     for t in workers:
         t.join()
+    # join() returns when the Python thread is done; the OS thread runs its key destructors just after
+    deadline = time.monotonic() + 5
+    while _stats(lib, "moeport_scratch_stats", 2)[0] and time.monotonic() < deadline:
+        time.sleep(0.01)
     report["scratch_after_exit"] = _stats(lib, "moeport_scratch_stats", 2)
 
     # a prefill-sized MoE call (34 MB of workspace), then decode-sized ones
