@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from .sampling import Sampler, SamplingError, SamplingParams, nonfinite_logits
+from .sampling import Sampler, SamplingError, SamplingParams, TokenLogprob, nonfinite_logits, token_logprob
 from .text import IncrementalDetokenizer, ReasoningSplitter, StopStringMatcher, TextDelta
 
 if TYPE_CHECKING:
@@ -113,6 +113,7 @@ class Request:
         self.deltas: list[TextDelta] = []  # produced and not yet consumed by a stream
         self._deltas_lock = threading.Lock()  # the engine thread adds, a client thread takes
         self.tokens: list[int] = []
+        self.logprobs: list[TokenLogprob] = []  # one per token when params.logprobs is set
         self.finish_reason: str | None = None
         self.error: RequestFailed | None = None
         self.ownership: object | None = None  # the session's ownership token while a generator runs this
@@ -138,9 +139,11 @@ class Request:
             raise GenerationError(
                 f"step {self.step_number}: the model produced {problem} at token position {self.session.position - 1}"
             )
-        token = self.sampler(logits, self.history)
+        token = self.sampler(logits, self.history, self.tokens)
         if self.first_token_at is None:
             self.first_token_at = time.perf_counter()
+        if self.params.logprobs is not None:
+            self.logprobs.append(token_logprob(logits, token, self.params.logprobs))
         self.tokens.append(token)
         self.history.append(token)
         if token in self.stop_ids and not self.params.ignore_eos:

@@ -339,6 +339,19 @@ class Session:
             self.cache.truncate(length)
             self.tokens = self.tokens[:length]
 
+    def extend_cached(self, token_ids: Sequence[int], rows: Sequence[np.ndarray]) -> None:
+        """Append tokens whose latent rows were computed before (``rows``: per layer ``[1, n, dim]``), e.g.
+        by the prefix cache, without running the model. The rows must be the ones the model gives for
+        exactly these tokens after this session's current ones."""
+        self._check_owner(None, "extend_cached")
+        with self._lock:
+            self._check_owner(None, "extend_cached")
+            ids = self.check_ids(token_ids)
+            if len(rows) != self.model.num_layers or any(r.shape != (1, len(ids), self.model.latent_dim) for r in rows):
+                raise GenerationError(f"extend_cached: expected {self.model.num_layers} x [1, {len(ids)}, dim] rows")
+            self.cache.append([r.astype(self.cache.dtype, copy=False) for r in rows])
+            self.tokens.extend(int(t) for t in ids)
+
     @property
     def position(self) -> int:
         """Number of tokens in the cache (the position the next token will take)."""
@@ -375,9 +388,15 @@ class Session:
         return self.prefill([token_id])
 
     # -- generation ---------------------------------------------------------------------------
-    def request(self, prompt: Sequence[int] | str, params: SamplingParams | None = None, **overrides: Any) -> Request:
+    def request(
+        self,
+        prompt: Sequence[int] | str,
+        params: SamplingParams | None = None,
+        in_reasoning: bool | None = None,
+        **overrides: Any,
+    ) -> Request:
         """A generation request on this session (text prompts are tokenized; a prompt that ends in
-        ``<think>`` starts the output in the reasoning part)."""
+        ``<think>`` starts the output in the reasoning part, unless ``in_reasoning`` says otherwise)."""
         params = self.model.sampling_params(params, **overrides)
         tok = self.model.tokenizer
         if isinstance(prompt, str):
@@ -387,13 +406,12 @@ class Session:
             has_bos = bool(tok.bos_token) and prompt.startswith(tok.bos_token)
             prompt = tok.encode(prompt, add_special_tokens=not has_bos and self.position == 0)
         # a prompt ending in "<think>" (DeepSeek-R1's chat template) starts the output inside the reasoning
-        in_reasoning = False
-        if tok is not None and len(prompt) > 0:
+        if in_reasoning is None and tok is not None and len(prompt) > 0:
             try:
                 in_reasoning = tok.decode(list(prompt[-4:]), skip_special_tokens=False).rstrip().endswith("<think>")
             except (TypeError, ValueError, OverflowError):
-                pass  # ids the tokenizer cannot decode: Request reports them
-        return Request(self, prompt, params, in_reasoning=in_reasoning)
+                in_reasoning = False  # ids the tokenizer cannot decode: Request reports them
+        return Request(self, prompt, params, in_reasoning=bool(in_reasoning))
 
     def generate(
         self, prompt: Sequence[int] | str, params: SamplingParams | None = None, **overrides: Any

@@ -24,6 +24,7 @@ class SamplingError(ValueError):
 
 
 CONTEXT_POLICIES = ("error", "stop")
+MAX_LOGPROBS = 20  # alternatives per token, as OpenAI's top_logprobs
 
 
 @dataclass(frozen=True)
@@ -35,12 +36,15 @@ class SamplingParams:
     top_p: float = 1.0  # 1 = off
     min_p: float = 0.0  # 0 = off
     repetition_penalty: float = 1.0  # 1 = off
+    presence_penalty: float = 0.0  # OpenAI's: subtracted once from every token already generated
+    frequency_penalty: float = 0.0  # OpenAI's: subtracted per occurrence in the generated tokens
     seed: int | None = None
     max_new_tokens: int = 256
     stop: tuple[str, ...] = ()
     stop_token_ids: tuple[int, ...] | None = None  # None: the model's EOS ids
     ignore_eos: bool = False
     on_context_limit: str = "error"  # "error": refuse up front; "stop": stop cleanly when the context is full
+    logprobs: int | None = None  # report each token's log-probability and this many alternatives (None: off)
     extra: dict[str, Any] = field(default_factory=dict, compare=False)
 
     def __post_init__(self) -> None:
@@ -60,8 +64,16 @@ class SamplingParams:
             raise bad(f"min_p must be in [0, 1), got {self.min_p!r}")
         if not _is_number(self.repetition_penalty) or self.repetition_penalty <= 0:
             raise bad(f"repetition_penalty must be > 0 (1 = off), got {self.repetition_penalty!r}")
-        if self.seed is not None and not _is_int(self.seed):
-            raise bad(f"seed must be an integer, got {self.seed!r}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            value = getattr(self, name)
+            if not _is_number(value) or not -2 <= value <= 2:
+                raise bad(f"{name} must be in [-2, 2], got {value!r}")
+        if self.seed is not None and (not _is_int(self.seed) or not 0 <= self.seed < 2**64):
+            raise bad(f"seed must be an integer in [0, 2**64), got {self.seed!r}")
+        if self.logprobs is not None and (not _is_int(self.logprobs) or not 0 <= self.logprobs <= MAX_LOGPROBS):
+            raise bad(
+                f"logprobs must be an integer in [0, {MAX_LOGPROBS}] (alternatives per token), got {self.logprobs!r}"
+            )
         if not _is_int(self.max_new_tokens) or self.max_new_tokens < 0:
             raise bad(f"max_new_tokens must be an integer >= 0, got {self.max_new_tokens!r}")
         if isinstance(self.stop, str):
@@ -148,8 +160,11 @@ class Sampler:
         self.params = params
         self.rng = np.random.default_rng(params.seed)
 
-    def probabilities(self, logits: np.ndarray, history: Sequence[int] = ()) -> np.ndarray:
-        """The distribution the next token is drawn from (all mass on argmax when greedy)."""
+    def probabilities(
+        self, logits: np.ndarray, history: Sequence[int] = (), generated: Sequence[int] = ()
+    ) -> np.ndarray:
+        """The distribution the next token is drawn from (all mass on argmax when greedy). ``history`` (prompt
+        and output) feeds the repetition penalty, ``generated`` (output only) the presence/frequency ones."""
         p = self.params
         problem = nonfinite_logits(logits, allow_masked=True)
         if problem:
@@ -159,6 +174,9 @@ class Sampler:
             seen = np.unique(np.asarray(history, dtype=np.int64))
             vals = x[seen]
             x[seen] = np.where(vals > 0, vals / p.repetition_penalty, vals * p.repetition_penalty)
+        if (p.presence_penalty or p.frequency_penalty) and len(generated):
+            ids, counts = np.unique(np.asarray(generated, dtype=np.int64), return_counts=True)
+            x[ids] -= p.presence_penalty + p.frequency_penalty * counts
         if p.greedy:
             probs = np.zeros_like(x)
             probs[int(np.argmax(x))] = 1.0
@@ -181,9 +199,32 @@ class Sampler:
             probs = np.where(probs < p.min_p * probs.max(), 0.0, probs)
         return probs / probs.sum()
 
-    def __call__(self, logits: np.ndarray, history: Sequence[int] = ()) -> int:
-        probs = self.probabilities(logits, history)
+    def __call__(self, logits: np.ndarray, history: Sequence[int] = (), generated: Sequence[int] = ()) -> int:
+        probs = self.probabilities(logits, history, generated)
         if self.params.greedy:
             return int(np.argmax(probs))
         cdf = np.cumsum(probs)
         return int(min(np.searchsorted(cdf, self.rng.random() * cdf[-1], side="right"), probs.size - 1))
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """A generated token's log-probability under the model and the ``top`` most likely alternatives
+    (token id, log-probability), from the model's own distribution (before sampling parameters)."""
+
+    token: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()
+
+
+def token_logprob(logits: np.ndarray, token: int, top: int) -> TokenLogprob:
+    x = np.asarray(logits, dtype=np.float64).ravel()
+    m = x.max()
+    logz = m + math.log(float(np.exp(x - m).sum()))
+    alternatives: tuple[tuple[int, float], ...] = ()
+    if top:
+        k = min(top, x.size)
+        idx = np.argpartition(-x, k - 1)[:k]
+        idx = idx[np.argsort(-x[idx], kind="stable")]
+        alternatives = tuple((int(i), float(x[i] - logz)) for i in idx)
+    return TokenLogprob(int(token), float(x[token] - logz), alternatives)
