@@ -114,6 +114,7 @@ class Request:
         self._deltas_lock = threading.Lock()  # the engine thread adds, a client thread takes
         self.tokens: list[int] = []
         self.logprobs: list[TokenLogprob] = []  # one per token when params.logprobs is set
+        self.reasoning_tokens = 0  # generated tokens inside <think>...</think>
         self.finish_reason: str | None = None
         self.error: RequestFailed | None = None
         self.ownership: object | None = None  # the session's ownership token while a generator runs this
@@ -144,6 +145,8 @@ class Request:
             self.first_token_at = time.perf_counter()
         if self.params.logprobs is not None:
             self.logprobs.append(token_logprob(logits, token, self.params.logprobs))
+        if self.splitter.part == "reasoning":  # the closing </think> still counts as reasoning
+            self.reasoning_tokens += 1
         self.tokens.append(token)
         self.history.append(token)
         if token in self.stop_ids and not self.params.ignore_eos:

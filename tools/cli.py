@@ -697,6 +697,101 @@ def bench_cmd(
     )
 
 
+@main.command("serve")
+@click.argument("artifact_dir", type=click.Path(path_type=Path))
+@click.option("--backend", default="cpu", show_default=True, help="Backend name, or 'auto' for the best available.")
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on (loopback by default).")
+@click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True, help="TCP port.")
+@click.option(
+    "--max-batch", type=click.IntRange(min=1), default=16, show_default=True, help="Sequences decoded together."
+)
+@click.option(
+    "--max-queue",
+    type=click.IntRange(min=0),
+    default=256,
+    show_default=True,
+    help="Requests that may wait for a batch slot; more get HTTP 429 with Retry-After.",
+)
+@click.option(
+    "--api-key",
+    envvar="MOEPORT_API_KEY",
+    default=None,
+    help="Require 'Authorization: Bearer KEY' on /v1 (also MOEPORT_API_KEY). Needed for a non-loopback --host.",
+)
+@click.option("--served-model-name", default=None, help="The model name clients use [default: the artifact's folder].")
+@click.option(
+    "--prefix-cache-mb",
+    type=click.FloatRange(min=0),
+    default=512,
+    show_default=True,
+    help="Memory for the automatic prefix cache (latent rows of shared prompt prefixes); 0 turns it off.",
+)
+@click.option(
+    "--shutdown-timeout",
+    type=click.FloatRange(min=0),
+    default=30,
+    show_default=True,
+    help="On SIGTERM: seconds to let requests in flight finish before they are cancelled.",
+)
+@click.option("--insecure", is_flag=True, help="Allow a non-loopback --host without an API key.")
+@click.option("--threads", type=click.IntRange(min=1), default=None, help="CPU threads (default: all cores).")
+@backend_option
+@trust_option
+@npu_options
+def serve_cmd(
+    artifact_dir: Path,
+    backend: str,
+    host: str,
+    port: int,
+    max_batch: int,
+    max_queue: int,
+    api_key: str | None,
+    served_model_name: str | None,
+    prefix_cache_mb: float,
+    shutdown_timeout: float,
+    insecure: bool,
+    threads: int | None,
+    backend_options: dict,
+    trust_compiled: bool,
+) -> None:
+    """Serve ARTIFACT_DIR over OpenAI's HTTP API (chat completions with reasoning_content, completions,
+    models, health, Prometheus metrics), every request in one continuous batch. Needs `pip install
+    'moeport[serve]'`."""
+    try:
+        from moeport.runtime.server import ServeError, is_loopback, serve
+    except ImportError as exc:
+        raise click.ClickException(
+            f"moeport serve needs the serve extra: pip install 'moeport[serve]' ({exc})"
+        ) from exc
+    if not is_loopback(host) and not api_key and not insecure:
+        raise click.UsageError(
+            f"--host {host} is reachable from other machines: give --api-key (or MOEPORT_API_KEY), or --insecure"
+        )
+    model = load(artifact_dir, backend=backend, **backend_options_with(backend_options, threads, trust_compiled))
+    name = served_model_name or Path(artifact_dir).resolve().name
+    click.echo(
+        f"moeport serve: {name} ({model.config.model_type}) on backend '{model.backend_name}', "
+        f"http://{host}:{port}/v1 (max batch {max_batch}){' - API key required' if api_key else ''}",
+        err=True,
+    )
+    try:
+        serve(
+            model,
+            host=host,
+            port=port,
+            max_batch=max_batch,
+            max_queue=max_queue,
+            api_key=api_key,
+            served_model_name=name,
+            prefix_cache_mb=prefix_cache_mb,
+            shutdown_timeout=shutdown_timeout,
+            insecure=insecure,
+            log_level="warning",
+        )
+    except ServeError as exc:
+        raise click.ClickException(str(exc)) from exc
+
+
 @main.command("demo")
 @click.option("--backend", default="auto", show_default=True, help="Backend to run on ('auto' = best available).")
 @click.option(

@@ -1,0 +1,91 @@
+"""``moeport serve``: an OpenAI-compatible server (FastAPI + uvicorn) over the engine.
+
+Needs the ``serve`` extra (``pip install 'moeport[serve]'``). Imported only by ``moeport serve`` and by
+code that asks for it: the runtime itself does not depend on it.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+from typing import Any
+
+from .app import ServerState, create_app
+
+__all__ = ["ServerState", "create_app", "serve", "ServeError", "is_loopback"]
+
+log = logging.getLogger("moeport.server")
+
+
+class ServeError(ValueError):
+    """The server cannot start as asked (e.g. a public address without an API key)."""
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def serve(
+    model: Any,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    max_batch: int = 16,
+    max_queue: int = 256,
+    api_key: str | None = None,
+    served_model_name: str | None = None,
+    prefix_cache_mb: float = 512,
+    shutdown_timeout: float = 30,
+    insecure: bool = False,
+    log_level: str = "info",
+    ready: Any = None,
+) -> None:
+    """Serve ``model`` until SIGTERM/SIGINT: then stop accepting, let requests in flight finish (those
+    still running after ``shutdown_timeout`` seconds are cancelled) and return."""
+    import uvicorn
+
+    from ..engine import Engine
+    from .metrics import Metrics
+
+    if not is_loopback(host) and not api_key and not insecure:
+        raise ServeError(
+            f"--host {host} is reachable from other machines: give --api-key (or MOEPORT_API_KEY), or pass "
+            "--insecure to serve without one"
+        )
+    metrics = Metrics()
+    engine = Engine(model, max_batch=max_batch, max_queue=max_queue, prefix_cache_mb=prefix_cache_mb, observer=metrics)
+    metrics.bind(engine)
+    name = served_model_name or model.artifact.directory.name
+    state = ServerState(model, engine, name, api_key=api_key, metrics=metrics)
+    app = create_app(state)
+    config = uvicorn.Config(
+        app,
+        host=host,
+        port=port,
+        log_level=log_level,
+        timeout_graceful_shutdown=shutdown_timeout,
+        access_log=False,
+    )
+
+    class _Server(uvicorn.Server):
+        def handle_exit(self, sig: int, frame: Any) -> None:
+            state.closing = True  # /health says so and new requests get 503 while the rest finish
+            super().handle_exit(sig, frame)
+
+        async def startup(self, sockets: Any = None) -> None:
+            await super().startup(sockets)
+            if ready is not None and self.started:
+                ready(self)
+
+    server = _Server(config)
+    try:
+        server.run()
+    finally:
+        state.closing = True
+        engine.close(timeout=0 if server.should_exit and server.force_exit else shutdown_timeout)
+    if not server.started:
+        raise ServeError(f"could not start the server on {host}:{port} (is the port in use?)")

@@ -1,0 +1,421 @@
+"""The OpenAI-compatible HTTP API over one :class:`~moeport.runtime.engine.Engine` (FastAPI + uvicorn).
+
+Endpoints: ``POST /v1/chat/completions``, ``POST /v1/completions``, ``GET /v1/models``, ``GET /health``,
+``GET /metrics``. Chat answers carry DeepSeek's split: the reasoning in ``reasoning_content`` (in
+messages and in stream deltas), the answer in ``content``. Every error is OpenAI's error object with a
+status: 400 bad input, 401 bad API key, 404 unknown model, 413 body too large, 429 queue full (with
+``Retry-After``), 503 shutting down, 500 a request that failed inside the model (only that request).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from pydantic import BaseModel, ValidationError
+from sse_starlette.sse import EventSourceResponse
+
+from ..engine import ChoiceEvent, Engine, EngineClosed, EngineRequest, QueueFull
+from ..generate import GenerationError
+from ..sampling import SamplingError, SamplingParams, TokenLogprob
+from ..text import TextError
+from .metrics import Metrics
+from .protocol import ChatCompletionRequest, CompletionRequest, error_body
+
+log = logging.getLogger("moeport.server")
+
+MAX_BODY_BYTES = 16 << 20
+FINISH = {"eos": "stop", "stop": "stop", "length": "length", "context": "length", "cancelled": "abort"}
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str, type_: str = "invalid_request_error", param=None, code=None):
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
+
+    def response(self, headers: dict[str, str] | None = None) -> JSONResponse:
+        return JSONResponse(error_body(self.message, self.type, self.param, self.code), self.status, headers=headers)
+
+
+@dataclass
+class ServerState:
+    model: Any
+    engine: Engine
+    name: str
+    api_key: str | None = None
+    metrics: Metrics | None = None
+    closing: bool = False
+    created: int = field(default_factory=lambda: int(time.time()))
+
+
+def create_app(state: ServerState) -> FastAPI:
+    """The ASGI app serving ``state.engine`` under the model name ``state.name``."""
+    app = FastAPI(title="moeport", version="1", docs_url=None, redoc_url=None)
+    app.state.moeport = state
+
+    @app.middleware("http")
+    async def guard(request: Request, call_next):
+        if request.url.path.startswith("/v1") and state.api_key is not None:
+            header = request.headers.get("authorization", "")
+            given = header[7:] if header.lower().startswith("bearer ") else ""
+            if not hmac.compare_digest(given.encode(), state.api_key.encode()):
+                return ApiError(
+                    401, "invalid or missing API key (Authorization: Bearer KEY)", code="invalid_api_key"
+                ).response()
+        try:
+            return await call_next(request)
+        except ApiError as exc:
+            return exc.response()
+
+    @app.exception_handler(ApiError)
+    async def api_error(_: Request, exc: ApiError):
+        headers = {"Retry-After": "1"} if exc.status == 429 else None
+        return exc.response(headers)
+
+    @app.exception_handler(Exception)
+    async def internal(_: Request, exc: Exception):
+        log.exception("internal error")
+        return ApiError(500, f"internal error ({type(exc).__name__})", "internal_error").response()
+
+    @app.get("/health")
+    async def health():
+        if state.closing:
+            return JSONResponse({"status": "shutting down"}, 503)
+        return {"status": "ok"}
+
+    @app.get("/metrics")
+    async def metrics():
+        if state.metrics is None:
+            raise ApiError(404, "metrics are off")
+        return Response(generate_latest(state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/v1/models")
+    async def models():
+        card = {
+            "id": state.name,
+            "object": "model",
+            "created": state.created,
+            "owned_by": "moeport",
+            "max_model_len": state.model.max_seq_len,
+        }
+        return {"object": "list", "data": [card]}
+
+    @app.post("/v1/chat/completions")
+    async def chat(request: Request):
+        body = await _parse(request, ChatCompletionRequest)
+        _check_model(state, body.model)
+        ids = _chat_prompt(state.model, body)
+        max_tokens = body.max_completion_tokens or body.max_tokens
+        logprobs = (body.top_logprobs or 0) if body.logprobs else None
+        if body.top_logprobs is not None and not body.logprobs:
+            raise ApiError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
+        params = _params(state, body, len(ids), max_tokens, logprobs)
+        return await _run(request, state, "chat", body, ids, params)
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        body = await _parse(request, CompletionRequest)
+        _check_model(state, body.model)
+        if body.echo or body.suffix:
+            raise ApiError(400, "echo and suffix are not supported", param="echo" if body.echo else "suffix")
+        ids = _completion_prompt(state.model, body.prompt)
+        params = _params(state, body, len(ids), body.max_tokens, body.logprobs)
+        return await _run(request, state, "completion", body, ids, params)
+
+    return app
+
+
+# -- request parsing ------------------------------------------------------------------------------------------
+
+
+async def _parse(request: Request, kind: type[BaseModel]) -> Any:
+    length = request.headers.get("content-length")
+    if length is not None and length.isdigit() and int(length) > MAX_BODY_BYTES:
+        raise ApiError(413, f"request body larger than {MAX_BODY_BYTES >> 20} MiB")
+    raw = await request.body()
+    if len(raw) > MAX_BODY_BYTES:
+        raise ApiError(413, f"request body larger than {MAX_BODY_BYTES >> 20} MiB")
+    try:
+        data = json.loads(raw)
+    except (ValueError, RecursionError) as exc:
+        raise ApiError(400, f"the body is not valid JSON ({str(exc)[:200]})") from None
+    if not isinstance(data, dict):
+        raise ApiError(400, "the body must be a JSON object")
+    try:
+        return kind.model_validate(data)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        param = ".".join(str(p) for p in first.get("loc", ())) or None
+        raise ApiError(400, f"{param}: {first.get('msg')}" if param else str(first.get("msg")), param=param) from None
+
+
+def _check_model(state: ServerState, name: str | None) -> None:
+    if name is not None and name != state.name:
+        raise ApiError(
+            404, f"the model {name!r} does not exist (this server has {state.name!r})", code="model_not_found"
+        )
+
+
+def _chat_prompt(model: Any, body: ChatCompletionRequest) -> list[int]:
+    if model.tokenizer is None:
+        raise ApiError(400, "this model has no tokenizer: use /v1/completions with token ids")
+    messages = []
+    for i, m in enumerate(body.messages):
+        try:
+            text = m.text()
+        except ValueError as exc:
+            raise ApiError(400, str(exc), param=f"messages.{i}.content") from None
+        if m.role == "assistant" and "</think>" in text:  # DeepSeek: earlier reasoning is not sent back
+            text = text.split("</think>")[-1].lstrip()
+        role = "system" if m.role == "developer" else m.role
+        messages.append({"role": role, "content": text})
+    try:
+        return model.chat_ids(messages)
+    except TextError as exc:
+        raise ApiError(400, str(exc), param="messages") from None
+
+
+def _completion_prompt(model: Any, prompt: str | list) -> list[int]:
+    if isinstance(prompt, list) and prompt and isinstance(prompt[0], str):
+        if len(prompt) != 1:
+            raise ApiError(400, "one prompt per request (a list of several prompts is not supported)", param="prompt")
+        prompt = prompt[0]
+    if isinstance(prompt, str):
+        if prompt == "":
+            raise ApiError(400, "empty prompt", param="prompt")
+        tok = model.tokenizer
+        if tok is None:
+            raise ApiError(400, "this model has no tokenizer: give the prompt as token ids", param="prompt")
+        has_bos = bool(tok.bos_token) and prompt.startswith(tok.bos_token)
+        return tok.encode(prompt, add_special_tokens=not has_bos)
+    return list(prompt)
+
+
+def _params(state: ServerState, body: Any, prompt_len: int, max_tokens: int | None, logprobs: int | None):
+    limit = state.model.max_seq_len
+    overrides: dict[str, Any] = {
+        "temperature": body.temperature,
+        "top_p": body.top_p,
+        "top_k": None if body.top_k is None else max(body.top_k, 0),
+        "min_p": body.min_p,
+        "repetition_penalty": body.repetition_penalty,
+        "presence_penalty": body.presence_penalty,
+        "frequency_penalty": body.frequency_penalty,
+        "seed": body.seed,
+        "stop": tuple(body.stop or ()),
+        "ignore_eos": body.ignore_eos or None,
+        "logprobs": logprobs,
+    }
+    if max_tokens is None:  # as much as the context leaves, stopping cleanly when it is full
+        overrides.update(max_new_tokens=max(limit - prompt_len, 1), on_context_limit="stop")
+    else:
+        overrides.update(max_new_tokens=max_tokens, on_context_limit="error")
+    try:
+        return state.model.sampling_params(**overrides)
+    except SamplingError as exc:
+        raise ApiError(400, str(exc)) from None
+
+
+# -- running ---------------------------------------------------------------------------------------------------
+
+
+class _Bridge:
+    """Engine events (engine thread) -> an asyncio queue (the request's event loop)."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.get_running_loop()
+        self.queue: asyncio.Queue[ChoiceEvent] = asyncio.Queue()
+
+    def __call__(self, event: ChoiceEvent) -> None:
+        self.loop.call_soon_threadsafe(self.queue.put_nowait, event)
+
+
+@dataclass
+class _Choice:
+    reasoning: list[str] = field(default_factory=list)
+    content: list[str] = field(default_factory=list)
+    text: list[str] = field(default_factory=list)
+    tokens: int = 0
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    finish: str | None = None
+    error: Exception | None = None
+
+
+async def _run(request: Request, state: ServerState, kind: str, body: Any, ids: list[int], params: SamplingParams):
+    if state.closing:
+        raise ApiError(503, "the server is shutting down", "service_unavailable")
+    bridge = _Bridge()
+    try:
+        handle = state.engine.submit(ids, params, body.n, on_event=bridge)
+    except QueueFull as exc:
+        raise ApiError(429, f"server busy: {exc}", "rate_limit_exceeded") from None
+    except EngineClosed as exc:
+        raise ApiError(503, str(exc), "service_unavailable") from None
+    except GenerationError as exc:
+        raise ApiError(400, str(exc)) from None
+    rid = ("chatcmpl-" if kind == "chat" else "cmpl-") + uuid.uuid4().hex
+    if body.stream:
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        return EventSourceResponse(
+            _stream(state, kind, rid, handle, bridge, include_usage), ping=15, send_timeout=60, sep="\n"
+        )
+    choices = [_Choice() for _ in range(body.n)]
+    try:
+        while not all(c.finish is not None for c in choices):
+            try:
+                event = await asyncio.wait_for(bridge.queue.get(), timeout=1.0)
+            except TimeoutError:
+                if await request.is_disconnected():  # the client gave up: free its batch slot
+                    handle.cancel()
+                    return Response(status_code=499)
+                continue
+            _absorb(choices[event.index], event)
+    finally:
+        if not handle.done:
+            handle.cancel()
+    failed = next((c.error for c in choices if c.error is not None), None)
+    if failed is not None:
+        raise ApiError(500, f"the model failed on this request: {failed}", "internal_error")
+    return _response(state, kind, rid, handle, choices)
+
+
+def _absorb(c: _Choice, event: ChoiceEvent) -> None:
+    for d in event.deltas:
+        (c.reasoning if d.part == "reasoning" else c.content).append(d.text)
+    c.tokens += len(event.tokens)
+    c.logprobs.extend(event.logprobs)
+    if event.finish_reason is not None:
+        c.finish = FINISH.get(event.finish_reason, event.finish_reason)
+        c.error = event.error
+
+
+def _usage(handle: EngineRequest) -> dict[str, Any]:
+    completion = handle.completion_tokens
+    reasoning = sum(c.reasoning_tokens for c in handle.choices)
+    return {
+        "prompt_tokens": len(handle.prompt),
+        "completion_tokens": completion,
+        "total_tokens": len(handle.prompt) + completion,
+        "prompt_tokens_details": {"cached_tokens": handle.cached_tokens},
+        "completion_tokens_details": {"reasoning_tokens": reasoning},
+    }
+
+
+def _token_text(model: Any, token: int) -> str:
+    tok = model.tokenizer
+    return tok.decode([token], skip_special_tokens=False) if tok is not None else str(token)
+
+
+def _chat_logprobs(model: Any, items: list[TokenLogprob]) -> dict[str, Any] | None:
+    def entry(token: int, logprob: float) -> dict[str, Any]:
+        text = _token_text(model, token)
+        return {"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8"))}
+
+    return {
+        "content": [{**entry(i.token, i.logprob), "top_logprobs": [entry(t, lp) for t, lp in i.top]} for i in items]
+    }
+
+
+def _completion_logprobs(model: Any, items: list[TokenLogprob]) -> dict[str, Any]:
+    texts = [_token_text(model, i.token) for i in items]
+    return {
+        "tokens": texts,
+        "token_logprobs": [i.logprob for i in items],
+        "top_logprobs": [{_token_text(model, t): lp for t, lp in i.top} for i in items],
+    }
+
+
+def _text_of(handle: EngineRequest, index: int) -> str:
+    return "".join(handle.choices[index].text_parts)
+
+
+def _response(state: ServerState, kind: str, rid: str, handle: EngineRequest, choices: list[_Choice]) -> dict:
+    model = state.model
+    out = []
+    for i, c in enumerate(choices):
+        want_logprobs = handle.params.logprobs is not None
+        if kind == "chat":
+            reasoning = "".join(c.reasoning).strip()
+            message = {
+                "role": "assistant",
+                "content": "".join(c.content).strip(),
+                "reasoning_content": reasoning or None,
+            }
+            logprobs = _chat_logprobs(model, c.logprobs) if want_logprobs else None
+            out.append({"index": i, "message": message, "logprobs": logprobs, "finish_reason": c.finish})
+        else:
+            logprobs = _completion_logprobs(model, c.logprobs) if want_logprobs else None
+            out.append({"index": i, "text": _text_of(handle, i), "logprobs": logprobs, "finish_reason": c.finish})
+    return {
+        "id": rid,
+        "object": "chat.completion" if kind == "chat" else "text_completion",
+        "created": int(time.time()),
+        "model": state.name,
+        "choices": out,
+        "usage": _usage(handle),
+    }
+
+
+async def _stream(
+    state: ServerState, kind: str, rid: str, handle: EngineRequest, bridge: _Bridge, include_usage: bool
+) -> AsyncIterator[dict[str, str]]:
+    created, model = int(time.time()), state.model
+    obj = "chat.completion.chunk" if kind == "chat" else "text_completion"
+    usage_field = {"usage": None} if include_usage else {}
+    open_choices = set(range(handle.n))
+    sent_text = [0] * handle.n
+
+    def chunk(choices: list[dict[str, Any]], **extra: Any) -> dict[str, str]:
+        doc = {"id": rid, "object": obj, "created": created, "model": state.name, "choices": choices, **extra}
+        return {"data": json.dumps(doc, ensure_ascii=False)}
+
+    try:
+        if kind == "chat":
+            for i in range(handle.n):
+                opening = {"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None}
+                yield chunk([{**opening, "finish_reason": None}], **usage_field)
+        while open_choices:
+            event = await bridge.queue.get()
+            want_logprobs = handle.params.logprobs is not None and event.logprobs
+            if event.error is not None:
+                open_choices.discard(event.index)
+                err = error_body(f"the model failed on this request: {event.error}", "internal_error")
+                yield {"data": json.dumps(err)}
+                continue
+            finish = FINISH.get(event.finish_reason, event.finish_reason) if event.finish_reason else None
+            if kind == "chat":
+                delta: dict[str, Any] = {}
+                for d in event.deltas:
+                    key = "reasoning_content" if d.part == "reasoning" else "content"
+                    delta[key] = delta.get(key, "") + d.text
+                lp = _chat_logprobs(model, event.logprobs) if want_logprobs else None
+                if delta or lp or finish:
+                    yield chunk(
+                        [{"index": event.index, "delta": delta, "logprobs": lp, "finish_reason": finish}], **usage_field
+                    )
+            else:
+                full = _text_of(handle, event.index)
+                text, sent_text[event.index] = full[sent_text[event.index] :], len(full)
+                lp = _completion_logprobs(model, event.logprobs) if want_logprobs else None
+                if text or lp or finish:
+                    yield chunk(
+                        [{"index": event.index, "text": text, "logprobs": lp, "finish_reason": finish}], **usage_field
+                    )
+            if finish is not None:
+                open_choices.discard(event.index)
+        if include_usage:
+            yield chunk([], usage=_usage(handle))
+        yield {"data": "[DONE]"}
+    finally:
+        if not handle.done:  # the client went away (or the server is stopping): free the batch slot
+            handle.cancel()
