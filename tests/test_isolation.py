@@ -118,7 +118,7 @@ def test_an_exception_while_accepting_ends_only_its_request(model):
     gen = model.batch()
     reqs = [gen.submit(model.session(), p, max_new_tokens=10, ignore_eos=True) for p in PROMPTS]
 
-    def broken(logits, history):
+    def broken(logits, history, generated=()):
         raise ZeroDivisionError("sampler state broken")
 
     reqs[1].sampler = broken
