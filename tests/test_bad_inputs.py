@@ -321,6 +321,15 @@ def test_model_safetensors_symlinked_outside_the_directory_is_refused(ckpt, tmp_
     refused(ckpt, r"weight file 'model.safetensors' resolves to .*, outside")
 
 
+def test_config_symlinked_outside_the_directory_is_refused(ckpt, tiny_checkpoint):
+    from moeport.models import load_config
+
+    (ckpt / "config.json").unlink()
+    (ckpt / "config.json").symlink_to(tiny_checkpoint / "config.json")
+    with pytest.raises(ConfigError, match=r"config.json: config 'config.json' resolves to .*, outside"):
+        load_config(ckpt)
+
+
 def test_hugging_face_hub_cache_snapshot_with_symlinks_into_blobs_exports(ckpt, tmp_path):
     """A hub-cache snapshot's files are symlinks into ../../blobs: allowed, and only there."""
     shard(ckpt)
