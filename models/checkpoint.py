@@ -264,7 +264,7 @@ class Checkpoint:
                 for info in _read_header(fd, st.st_size, file):
                     if info.name in self.tensors:
                         raise CheckpointError(
-                            f"{name}: tensor {info.name!r} also in {self.tensors[info.name].file.name}"
+                            f"{name}: tensor {info.name!r} also in {self._name(self.tensors[info.name])}"
                         )
                     self.tensors[info.name] = info
             if weight_map is not None:
@@ -354,16 +354,20 @@ class Checkpoint:
             info = self.tensors.get(tensor)
             if info is None:
                 raise CheckpointError(f"{INDEX_FILE} maps tensor {tensor!r:.200} to {shard}, which does not contain it")
-            if info.file.name != shard or info.file != self.directory / shard:
+            if info.file != self.directory / shard:
                 raise CheckpointError(
-                    f"{INDEX_FILE} maps tensor {tensor!r:.200} to {shard}, but it is in {info.file.name}"
+                    f"{INDEX_FILE} maps tensor {tensor!r:.200} to {shard}, but it is in {self._name(info)}"
                 )
         unlisted = [t for t in self.tensors if t not in weight_map]
         if unlisted:
             raise CheckpointError(
-                f"{INDEX_FILE} does not list tensor {unlisted[0]!r:.200} of {self.tensors[unlisted[0]].file.name}"
+                f"{INDEX_FILE} does not list tensor {unlisted[0]!r:.200} of {self._name(self.tensors[unlisted[0]])}"
                 + (f" (and {len(unlisted) - 1} more)" if len(unlisted) > 1 else "")
             )
+
+    def _name(self, info: TensorInfo) -> str:
+        """The name of a tensor's file in the checkpoint directory."""
+        return info.file.relative_to(self.directory).as_posix()
 
     def __contains__(self, name: str) -> bool:
         return name in self.tensors

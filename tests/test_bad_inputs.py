@@ -284,6 +284,14 @@ def test_sharded_checkpoint_exports(ckpt, tmp_path):
     load(export(ckpt, tmp_path / "out")).session().prefill([1, 2, 3])
 
 
+def test_shard_in_a_subdirectory_is_a_plain_name(ckpt, tmp_path):
+    weight_map = shard(ckpt)
+    (ckpt / "weights").mkdir()
+    (ckpt / SHARD1).rename(ckpt / "weights" / SHARD1)
+    write_index(ckpt, {t: f"weights/{s}" if s == SHARD1 else s for t, s in weight_map.items()})
+    load(export(ckpt, tmp_path / "out")).session().prefill([1, 2, 3])
+
+
 @pytest.mark.parametrize(
     "weight_map, message",
     [
