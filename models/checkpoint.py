@@ -76,7 +76,7 @@ class TensorInfo:
 
 # -- bounded JSON ----------------------------------------------------------------------------------
 
-_JSON_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"')
+_JSON_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"', re.DOTALL)
 
 
 def json_depth(data: bytes) -> int:
