@@ -25,6 +25,7 @@ import math
 import mmap
 import os
 import re
+import reprlib
 import struct
 import weakref
 from dataclasses import dataclass
@@ -94,7 +95,7 @@ def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for key, value in pairs:
         if key in out:
-            raise ValueError(f"duplicate key {key!r:.80}")
+            raise ValueError(f"duplicate key {short_repr(key)}")
         out[key] = value
     return out
 
@@ -136,6 +137,18 @@ def read_fd(fd: int, size: int, offset: int = 0) -> bytes:
 # -- safetensors headers ---------------------------------------------------------------------------
 
 
+_REPR = reprlib.Repr()
+_REPR.maxlevel, _REPR.maxlist, _REPR.maxdict, _REPR.maxstring, _REPR.maxother = 3, 6, 6, 60, 60
+
+
+def short_repr(value: Any) -> str:
+    """A short repr() of a value read from an untrusted file, in time and size independent of the value's."""
+    try:
+        return _REPR.repr(value)
+    except ValueError:  # an int beyond 4300 digits cannot be printed
+        return f"<{type(value).__name__} too large to print>"
+
+
 def _exact_int(value: Any) -> bool:
     return type(value) is int  # bool is a subclass of int; "8" and 8.0 are not ints here
 
@@ -166,7 +179,7 @@ def _check_metadata(meta: Any, where: str) -> None:
     if meta is None:
         return
     if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
-        raise CheckpointError(f"{where}: __metadata__ must map strings to strings, got {meta!r:.120}")
+        raise CheckpointError(f"{where}: __metadata__ must map strings to strings, got {short_repr(meta)}")
 
 
 def _tensor_info(name: str, meta: Any, where: str, file: Path, base: int) -> TensorInfo:
@@ -174,22 +187,22 @@ def _tensor_info(name: str, meta: Any, where: str, file: Path, base: int) -> Ten
         return CheckpointError(f"{where}: tensor {name!r:.200}: {problem}")
 
     if not isinstance(meta, dict):
-        raise bad(f"header entry must be an object, got {meta!r:.80}")
+        raise bad(f"header entry must be an object, got {short_repr(meta)}")
     missing = [k for k in ("dtype", "shape", "data_offsets") if k not in meta]
     if missing:
         raise bad(f"header entry lacks {', '.join(missing)}")
     dtype, shape, offsets = meta["dtype"], meta["shape"], meta["data_offsets"]
     if not isinstance(dtype, str) or dtype not in _DTYPES:
-        raise bad(f"unsupported dtype {dtype!r:.80} (supported: {', '.join(_DTYPES)})")
+        raise bad(f"unsupported dtype {short_repr(dtype)} (supported: {', '.join(_DTYPES)})")
     if not isinstance(shape, list) or len(shape) > _MAX_DIMS:
-        raise bad(f"shape must be a list of at most {_MAX_DIMS} ints, got {shape!r:.80}")
+        raise bad(f"shape must be a list of at most {_MAX_DIMS} ints, got {short_repr(shape)}")
     if not all(_exact_int(d) and 0 <= d <= _MAX_ELEMENTS for d in shape):
-        raise bad(f"shape must hold ints in [0, {_MAX_ELEMENTS}], got {shape!r:.80}")
+        raise bad(f"shape must hold ints in [0, {_MAX_ELEMENTS}], got {short_repr(shape)}")
     count = math.prod(shape)  # Python ints: no wrap-around
     if count > _MAX_ELEMENTS:
         raise bad(f"shape {shape} has {count} elements, more than {_MAX_ELEMENTS}")
     if not (isinstance(offsets, list) and len(offsets) == 2 and all(_exact_int(o) and o >= 0 for o in offsets)):
-        raise bad(f"data_offsets must be two non-negative ints, got {offsets!r:.80}")
+        raise bad(f"data_offsets must be two non-negative ints, got {short_repr(offsets)}")
     begin, end = offsets
     if begin > end:
         raise bad(f"data_offsets {offsets} begin after they end")
@@ -338,7 +351,7 @@ class Checkpoint:
         for tensor, shard in weight_map.items():
             if not isinstance(shard, str):
                 raise CheckpointError(
-                    f"{INDEX_FILE}: shard of tensor {tensor!r:.200} must be a file name, got {shard!r:.80}"
+                    f"{INDEX_FILE}: shard of tensor {tensor!r:.200} must be a file name, got {short_repr(shard)}"
                 )
         for shard in set(weight_map.values()):
             try:

@@ -21,7 +21,7 @@ from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from .checkpoint import load_json_bounded, read_fd
+from .checkpoint import load_json_bounded, read_fd, short_repr
 from .paths import UnsafePathError, hub_blobs, open_inside
 
 log = logging.getLogger("moeport.models")
@@ -54,7 +54,7 @@ class Bound:
             return type(value) is self.kind and (not self.choices or value in self.choices)
         if type(value) is not int and not (self.kind is float and type(value) is float):
             return False
-        if self.kind is float and not math.isfinite(value):
+        if type(value) is float and not math.isfinite(value):  # an int of any size compares exactly
             return False
         if self.exclusive:
             return self.low < value < self.high
@@ -144,15 +144,15 @@ def check_bounds(values: dict[str, Any], bounds: dict[str, Bound], source: str, 
     """ConfigError naming the field, its value and the allowed range for the first value out of bounds."""
     for name, bound in bounds.items():
         if name in values and not bound.admits(values[name]):
-            value = values[name]
-            raise ConfigError(f"{source}: {prefix}{name}={value!r:.80} is not allowed; expected {bound.describe()}")
+            value = short_repr(values[name])
+            raise ConfigError(f"{source}: {prefix}{name}={value} is not allowed; expected {bound.describe()}")
 
 
 def _check_token_ids(ids: Any, source: str, name: str) -> tuple[int, ...]:
     listed = ids if isinstance(ids, list) else [ids]
     if len(listed) > 1024 or not all(_TOKEN_ID.admits(i) for i in listed):
         raise ConfigError(
-            f"{source}: {name}={ids!r:.80} is not allowed; expected a token id or a list of them "
+            f"{source}: {name}={short_repr(ids)} is not allowed; expected a token id or a list of them "
             f"(integers in [0, {2**22}])"
         )
     return tuple(listed)
@@ -311,15 +311,15 @@ class DeepseekConfig:
         check_bounds(data, _STORED_BOUNDS, source)
         rope = data["rope"]
         if not isinstance(rope, dict):
-            raise ConfigError(f"{source}: rope must be an object, got {rope!r:.80}")
+            raise ConfigError(f"{source}: rope must be an object, got {short_repr(rope)}")
         _check_keys(rope, RopeConfig, source, "rope.")
         check_bounds(rope, _STORED_ROPE_BOUNDS, source, "rope.")
         eos = data.get("eos_token_ids", [])
         if not isinstance(eos, list | tuple):
-            raise ConfigError(f"{source}: eos_token_ids must be a list of token ids, got {eos!r:.80}")
+            raise ConfigError(f"{source}: eos_token_ids must be a list of token ids, got {short_repr(eos)}")
         ignored = data.get("ignored_keys", [])
         if not isinstance(ignored, list | tuple) or not all(isinstance(k, str) for k in ignored):
-            raise ConfigError(f"{source}: ignored_keys must be a list of strings, got {ignored!r:.80}")
+            raise ConfigError(f"{source}: ignored_keys must be a list of strings, got {short_repr(ignored)}")
         cfg = cls(
             **{
                 **data,
@@ -372,7 +372,7 @@ def _check_block(block: Any, source: str, name: str) -> tuple[int, int] | None:
         return None
     if not isinstance(block, list | tuple) or len(block) != 2 or not all(_BLOCK.admits(b) for b in block):
         raise ConfigError(
-            f"{source}: {name}={block!r:.80} is not allowed; expected two integers in [1, {_number(_BLOCK.high)}]"
+            f"{source}: {name}={short_repr(block)} is not allowed; expected two integers in [1, {_number(_BLOCK.high)}]"
         )
     return (block[0], block[1])
 
@@ -476,7 +476,7 @@ def parse_config(raw: dict[str, Any], source: str = "config.json") -> DeepseekCo
     model_type = raw.get("model_type")
     if not isinstance(model_type, str) or model_type not in SUPPORTED_MODEL_TYPES:
         raise ConfigError(
-            f"{source}: unsupported model_type {model_type!r:.80}; moeport supports "
+            f"{source}: unsupported model_type {short_repr(model_type)}; moeport supports "
             f"{', '.join(SUPPORTED_MODEL_TYPES)} (DeepSeek-V2/V2-Lite/V3/R1 and compatible)"
         )
     ignored = []
@@ -551,7 +551,7 @@ def _rope_params(raw: dict[str, Any], source: str) -> dict[str, Any]:
     for key in ("rope_scaling", "rope_parameters"):
         value = raw.get(key)
         if value is not None and not isinstance(value, dict):
-            raise ConfigError(f"{source}: {key} must be an object, got {value!r:.80}")
+            raise ConfigError(f"{source}: {key} must be an object, got {short_repr(value)}")
         check_bounds(value or {}, ROPE_BOUNDS, source, prefix=f"{key}.")
     # as in transformers, a legacy rope_scaling wins over rope_parameters when both are present
     return raw.get("rope_scaling") or raw.get("rope_parameters") or {}
@@ -561,10 +561,10 @@ def _parse_quantization(qcfg: Any, source: str) -> tuple[int, int] | None:
     if not qcfg:
         return None
     if not isinstance(qcfg, dict):
-        raise ConfigError(f"{source}: quantization_config must be an object, got {qcfg!r:.80}")
+        raise ConfigError(f"{source}: quantization_config must be an object, got {short_repr(qcfg)}")
     if qcfg.get("quant_method") != "fp8":
         raise ConfigError(
-            f"{source}: quantization_config.quant_method {qcfg.get('quant_method')!r:.80} is not supported "
+            f"{source}: quantization_config.quant_method {short_repr(qcfg.get('quant_method'))} is not supported "
             "(only DeepSeek's block fp8)"
         )
     return _check_block(qcfg.get("weight_block_size", [128, 128]), source, "quantization_config.weight_block_size")

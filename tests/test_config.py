@@ -329,6 +329,7 @@ V3 = V3_TRANSFORMERS_STYLE
         ),
         ({"rms_norm_eps": -1}, r"rms_norm_eps=-1 is not allowed; expected a finite number in \(0, 1\)"),
         ({"rms_norm_eps": float("nan")}, r"rms_norm_eps=nan is not allowed; expected a finite number in \(0, 1\)"),
+        ({"rms_norm_eps": 10**400}, r"rms_norm_eps=1000000.*0000 is not allowed; expected a finite number in \(0, 1\)"),
         ({"vocab_size": 10**12}, r"vocab_size=1000000000000 is not allowed; expected an integer in \[1, 4194304\]"),
         ({"num_hidden_layers": 2000}, r"num_hidden_layers=2000 is not allowed; expected an integer in \[1, 1024\]"),
         (
