@@ -37,7 +37,7 @@ import threading
 import time
 import traceback
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from importlib.machinery import all_suffixes
 from pathlib import Path
 from typing import Any
@@ -45,6 +45,8 @@ from typing import Any
 from hypothesis import HealthCheck, Phase, Verbosity, given, settings
 from hypothesis import seed as hypothesis_seed
 from hypothesis import strategies as st
+
+from moeport.models.config import CONFIG_BOUNDS, ROPE_BOUNDS, DeepseekConfig, RopeConfig
 
 # -- the registry ----------------------------------------------------------------------------------
 
@@ -60,16 +62,8 @@ def project_errors() -> tuple[type[BaseException], ...]:
     from moeport.runtime.sampling import SamplingError
     from moeport.runtime.text import TextError
 
-    return (
-        CheckpointError,
-        ConfigError,
-        ArtifactError,
-        BackendError,
-        GenerationError,
-        SamplingError,
-        TextError,
-        click.UsageError,
-    )
+    errors = (CheckpointError, ConfigError, ArtifactError, BackendError, GenerationError, SamplingError, TextError)
+    return (*errors, click.UsageError)
 
 
 @dataclass(frozen=True)
@@ -485,97 +479,18 @@ def fuzz_safetensors_header(case: tuple, directory: Path) -> None:
 
 # -- target: config.json ---------------------------------------------------------------------------
 
+# every field with a bound, and the other keys parse_config reads
 _CONFIG_KEYS = st.sampled_from(
-    [
-        "vocab_size",
-        "hidden_size",
-        "intermediate_size",
-        "moe_intermediate_size",
-        "num_hidden_layers",
-        "num_attention_heads",
-        "n_shared_experts",
-        "n_routed_experts",
-        "num_experts_per_tok",
-        "routed_scaling_factor",
-        "kv_lora_rank",
-        "q_lora_rank",
-        "qk_rope_head_dim",
-        "qk_nope_head_dim",
-        "v_head_dim",
-        "n_group",
-        "topk_group",
-        "first_k_dense_replace",
-        "norm_topk_prob",
-        "hidden_act",
-        "max_position_embeddings",
-        "rms_norm_eps",
-        "bos_token_id",
-        "eos_token_id",
-        "tie_word_embeddings",
-        "rope_interleave",
-        "attention_bias",
-        "scoring_func",
-        "topk_method",
-        "rope_theta",
-        "original_max_position_embeddings",
-        "model_type",
-        "rope_scaling",
-        "rope_parameters",
-        "quantization_config",
-        "auto_map",
-        "num_key_value_heads",
-    ]
+    [*CONFIG_BOUNDS, *"model_type eos_token_id rope_scaling rope_parameters quantization_config auto_map".split()]
 )
-_ROPE_KEYS = st.sampled_from(
-    [
-        "type",
-        "rope_type",
-        "rope_theta",
-        "factor",
-        "original_max_position_embeddings",
-        "beta_fast",
-        "beta_slow",
-        "mscale",
-        "mscale_all_dim",
-        "attention_factor",
-        "truncate",
-    ]
-)
+_ROPE_KEYS = st.sampled_from(list(ROPE_BOUNDS))
 CONFIG_VALUES = st.one_of(
     JUNK,
     INTS,
     st.floats(),
     st.from_regex(r"-?[0-9]{1,6}(\.[0-9]{1,3})?", fullmatch=True),
-    st.sampled_from(
-        [
-            [],
-            {},
-            [128, 128],
-            [128],
-            [0, 0],
-            "yarn",
-            "default",
-            "dynamic",
-            "deepseek_v2",
-            "deepseek_v3",
-            "sigmoid",
-            "softmax",
-            "greedy",
-            "group_limited_greedy",
-            "noaux_tc",
-            "silu",
-            "fp8",
-            1e-300,
-            1e300,
-            0.5,
-            4096,
-            256,
-            255,
-            8,
-            2,
-            1,
-        ]
-    ),
+    st.sampled_from([[], {}, [128, 128], [128], [0, 0], 1e-300, 1e300, 0.5, 4096, 256, 255, 8, 2, 1]),
+    st.sampled_from("yarn default dynamic deepseek_v2 deepseek_v3 sigmoid softmax greedy noaux_tc silu fp8".split()),
 )
 _CONFIG_OPS = st.one_of(
     st.tuples(st.just("set"), _CONFIG_KEYS | st.text(max_size=8), CONFIG_VALUES),
@@ -644,49 +559,8 @@ def fuzz_config_json(case: tuple, directory: Path) -> None:
 
 # -- target: a config stored in an artifact's manifest ---------------------------------------------
 
-_STORED_KEYS = st.sampled_from(
-    [
-        "model_type",
-        "vocab_size",
-        "hidden_size",
-        "num_hidden_layers",
-        "num_attention_heads",
-        "n_routed_experts",
-        "num_experts_per_tok",
-        "n_group",
-        "topk_group",
-        "first_k_dense_replace",
-        "rms_norm_eps",
-        "scoring_func",
-        "topk_method",
-        "rope",
-        "bos_token_id",
-        "eos_token_ids",
-        "fp8_block_size",
-        "ignored_keys",
-        "q_lora_rank",
-        "routed_scaling_factor",
-        "max_position_embeddings",
-        "qk_rope_head_dim",
-        "tie_word_embeddings",
-        "unknown",
-    ]
-)
-_STORED_ROPE_KEYS = st.sampled_from(
-    [
-        "rope_type",
-        "theta",
-        "factor",
-        "original_max_position_embeddings",
-        "beta_fast",
-        "beta_slow",
-        "mscale",
-        "mscale_all_dim",
-        "attention_factor",
-        "truncate",
-        "unknown",
-    ]
-)
+_STORED_KEYS = st.sampled_from([*(f.name for f in fields(DeepseekConfig)), "unknown"])
+_STORED_ROPE_KEYS = st.sampled_from([*(f.name for f in fields(RopeConfig)), "unknown"])
 STORED_CASES = st.lists(
     st.one_of(
         st.tuples(st.just("set"), _STORED_KEYS, CONFIG_VALUES),
@@ -746,29 +620,10 @@ def _shard_names() -> list[str]:
 
 _SHARD_VALUES = st.one_of(
     st.sampled_from(_shard_names()),
-    st.sampled_from(
-        [
-            "../outside.safetensors",
-            "../../outside.safetensors",
-            _OUTSIDE,
-            "/etc/passwd",
-            "sub/../" + _shard_names()[0],
-            "./" + _shard_names()[0],
-            "",
-            ".",
-            "..",
-            "a\\b",
-            "x\x00y",
-            "C:/x",
-            "link-out.safetensors",
-            "link-in.safetensors",
-            "link-up.safetensors",
-            "dir.safetensors",
-            "missing.safetensors",
-            "model.safetensors.index.json",
-            "config.json",
-        ]
-    ),
+    st.sampled_from([_OUTSIDE, "/etc/passwd", "", ".", "..", "a\\b", "x\x00y", "C:/x", "config.json"]),
+    st.sampled_from([f"{prefix}{_shard_names()[0]}" for prefix in ("../", "../../", "sub/../", "./", "sub/")]),
+    st.sampled_from([f"{name}.safetensors" for name in ("link-out", "link-in", "link-up", "dir", "missing")]),
+    st.sampled_from(["../outside.safetensors", "model.safetensors.index.json"]),
     JUNK,
 )
 _LINK_TARGETS = st.sampled_from([_OUTSIDE, "/etc/passwd", "../outside.safetensors", _shard_names()[1], "nowhere"])
@@ -783,9 +638,7 @@ _INDEX_OPS = st.one_of(
         st.sampled_from([*_shard_names(), "model.safetensors", "model.safetensors.index.json", "config.json"]),
         _LINK_TARGETS,
     ),
-    st.tuples(
-        st.just("unindex"),
-    ),
+    st.tuples(st.just("unindex")),
 )
 SHARD_CASES = st.tuples(st.sampled_from(["plain", "hub"]), st.lists(_INDEX_OPS, max_size=4))
 
