@@ -129,8 +129,8 @@ ROPE_BOUNDS: dict[str, Bound] = {
     "rope_theta": _float(1, 1e12, nullable=True),
     "factor": _float(1, 1e4, nullable=True, exclusive=False),  # YaRN stretches, never shrinks
     "original_max_position_embeddings": _int(1, 2**24, nullable=True),
-    "beta_fast": _float(0, 1e4, nullable=True),
-    "beta_slow": _float(0, 1e4, nullable=True),
+    "beta_fast": _float(1e-3, 1e4, nullable=True, exclusive=False),  # rotations (real: 1 to 32); YaRN
+    "beta_slow": _float(1e-3, 1e4, nullable=True, exclusive=False),  # divides the context by them
     "mscale": _float(0, 1e3, nullable=True, exclusive=False),
     "mscale_all_dim": _float(0, 1e3, nullable=True, exclusive=False),
     "attention_factor": _float(0, 1e3, nullable=True),

@@ -358,6 +358,10 @@ V3 = V3_TRANSFORMERS_STYLE
             r"rope factor=0.16384 is not allowed; expected a finite number in \[1, 10000\]",
         ),
         (
+            {"rope_parameters": {**V3["rope_parameters"], "beta_slow": 5e-324}},
+            r"rope_parameters.beta_slow=5e-324 is not allowed; expected null or a finite number in \[0.001, 10000\]",
+        ),
+        (
             {"first_k_dense_replace": 100},
             r"first_k_dense_replace=100 is not allowed; expected an integer in \[0, num_hidden_layers=61\]",
         ),
