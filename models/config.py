@@ -4,24 +4,158 @@ Configs in the wild come in two styles: DeepSeek's own (``rope_scaling``, ``scor
 ``topk_method``, ``auto_map`` pointing at remote code) and transformers 5 (``rope_parameters``,
 ``rope_interleave``, no ``scoring_func``). Both are read into one :class:`DeepseekConfig`.
 ``auto_map`` is recorded as ignored and never executed.
+
+A config comes from whoever published the checkpoint, so every field moeport reads is checked against
+:data:`CONFIG_BOUNDS` (exact type and range) before anything is derived from it, then for consistency
+(top-k within the experts, token ids within the vocabulary, ...). The ranges admit every released
+DeepSeek-architecture model (DeepSeek-V2/V2-Lite/V2.5/V3/R1/V3.1, Moonlight, Kimi-K2) with room to
+spare and refuse what would only exhaust memory. Keys moeport does not read are allowed.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import math
-from dataclasses import asdict, dataclass, field
+import os
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
+
+from .checkpoint import load_json_bounded, read_fd, short_repr
+from .paths import UnsafePathError, hub_blobs, open_inside
 
 log = logging.getLogger("moeport.models")
 
 SUPPORTED_MODEL_TYPES = ("deepseek_v3", "deepseek_v2")
+MAX_CONFIG_BYTES = 16 * 1024 * 1024  # real configs are a few KB
+MAX_ROUTED_EXPERTS_TOTAL = 2**18  # layers x routed experts; Kimi-K2 has 61 x 384 = 23424
 
 
 class ConfigError(ValueError):
     """The checkpoint's config.json is missing, unreadable or describes an unsupported model."""
+
+
+@dataclass(frozen=True)
+class Bound:
+    """A field's exact type and inclusive range: ``kind`` is int (not bool, not "8", not 8.0), float
+    (an int is fine), bool or str (then optionally one of ``choices``)."""
+
+    kind: type
+    low: float | None = None
+    high: float | None = None
+    nullable: bool = False
+    exclusive: bool = False  # both ends open (for eps, scaling factors, theta)
+    choices: tuple[str, ...] = ()
+
+    def admits(self, value: Any) -> bool:
+        if value is None:
+            return self.nullable
+        if self.kind is bool or self.kind is str:
+            return type(value) is self.kind and (not self.choices or value in self.choices)
+        if type(value) is not int and not (self.kind is float and type(value) is float):
+            return False
+        if type(value) is float and not math.isfinite(value):  # an int of any size compares exactly
+            return False
+        if self.exclusive:
+            return self.low < value < self.high
+        return self.low <= value <= self.high
+
+    def describe(self) -> str:
+        if self.kind is bool:
+            what = "true or false"
+        elif self.kind is str:
+            what = "one of " + ", ".join(map(repr, self.choices)) if self.choices else "a string"
+        else:
+            kind = "an integer" if self.kind is int else "a finite number"
+            low, high = _number(self.low), _number(self.high)
+            what = f"{kind} in " + (f"({low}, {high})" if self.exclusive else f"[{low}, {high}]")
+        return f"null or {what}" if self.nullable else what
+
+
+def _number(x: float | None) -> str:
+    return str(int(x)) if x is not None and float(x).is_integer() else f"{x:g}"
+
+
+def _int(low: int, high: int, nullable: bool = False) -> Bound:
+    return Bound(int, low, high, nullable)
+
+
+def _float(low: float, high: float, nullable: bool = False, exclusive: bool = True) -> Bound:
+    return Bound(float, low, high, nullable, exclusive)
+
+
+_BOOL, _STR = Bound(bool), Bound(str)
+
+#: config.json fields that moeport reads (after transformers' defaults are filled in), and their bounds.
+#: Real values for scale: V3 hidden 7168, 61 layers, 128 heads, 256 experts (top 8), vocab 129280;
+#: Kimi-K2 384 experts, vocab 163840, 131072-262144 positions; V2 routed_scaling_factor 16.
+CONFIG_BOUNDS: dict[str, Bound] = {
+    "vocab_size": _int(1, 2**22),
+    "hidden_size": _int(1, 65536),
+    "intermediate_size": _int(1, 2**20),
+    "moe_intermediate_size": _int(1, 2**20),
+    "num_hidden_layers": _int(1, 1024),
+    "num_attention_heads": _int(1, 1024),
+    "n_shared_experts": _int(0, 64, nullable=True),
+    "n_routed_experts": _int(0, 4096, nullable=True),
+    "num_experts_per_tok": _int(1, 4096, nullable=True),  # and <= n_routed_experts
+    "routed_scaling_factor": _float(0, 1e4),
+    "kv_lora_rank": _int(1, 65536),
+    "q_lora_rank": _int(1, 65536, nullable=True),
+    "qk_rope_head_dim": _int(2, 4096),
+    "qk_nope_head_dim": _int(1, 4096),
+    "v_head_dim": _int(1, 4096),
+    "n_group": _int(1, 4096, nullable=True),
+    "topk_group": _int(1, 4096, nullable=True),
+    "first_k_dense_replace": _int(0, 1024, nullable=True),  # and <= num_hidden_layers
+    "norm_topk_prob": Bound(bool, nullable=True),
+    "hidden_act": _STR,
+    "max_position_embeddings": _int(1, 2**24),
+    "rms_norm_eps": _float(0, 1),
+    "bos_token_id": _int(0, 2**22, nullable=True),  # and < vocab_size
+    "tie_word_embeddings": Bound(bool, nullable=True),
+    "rope_interleave": _BOOL,
+    "attention_bias": Bound(bool, nullable=True),
+    "scoring_func": Bound(str, nullable=True),
+    "topk_method": Bound(str, nullable=True),
+    "rope_theta": _float(1, 1e12, nullable=True),  # YaRN divides by log(theta)
+    "original_max_position_embeddings": _int(1, 2**24, nullable=True),
+}
+
+#: fields of ``rope_scaling`` / ``rope_parameters`` (and of the stored :class:`RopeConfig`).
+ROPE_BOUNDS: dict[str, Bound] = {
+    "rope_type": Bound(str, nullable=True),
+    "type": Bound(str, nullable=True),
+    "rope_theta": _float(1, 1e12, nullable=True),
+    "factor": _float(1, 1e4, nullable=True, exclusive=False),  # YaRN stretches, never shrinks
+    "original_max_position_embeddings": _int(1, 2**24, nullable=True),
+    "beta_fast": _float(1e-3, 1e4, nullable=True, exclusive=False),  # rotations (real: 1 to 32); YaRN
+    "beta_slow": _float(1e-3, 1e4, nullable=True, exclusive=False),  # divides the context by them
+    "mscale": _float(0, 1e3, nullable=True, exclusive=False),
+    "mscale_all_dim": _float(0, 1e3, nullable=True, exclusive=False),
+    "attention_factor": _float(0, 1e3, nullable=True),
+    "truncate": Bound(bool, nullable=True),
+}
+_TOKEN_ID = _int(0, 2**22)
+_BLOCK = _int(1, 65536)  # quantization_config.weight_block_size entries (DeepSeek: 128)
+
+
+def check_bounds(values: dict[str, Any], bounds: dict[str, Bound], source: str, prefix: str = "") -> None:
+    """ConfigError naming the field, its value and the allowed range for the first value out of bounds."""
+    for name, bound in bounds.items():
+        if name in values and not bound.admits(values[name]):
+            value = short_repr(values[name])
+            raise ConfigError(f"{source}: {prefix}{name}={value} is not allowed; expected {bound.describe()}")
+
+
+def _check_token_ids(ids: Any, source: str, name: str) -> tuple[int, ...]:
+    listed = ids if isinstance(ids, list) else [ids]
+    if len(listed) > 1024 or not all(_TOKEN_ID.admits(i) for i in listed):
+        raise ConfigError(
+            f"{source}: {name}={short_repr(ids)} is not allowed; expected a token id or a list of them "
+            f"(integers in [0, {2**22}])"
+        )
+    return tuple(listed)
 
 
 # transformers' defaults per model_type (DeepseekV3Config / DeepseekV2Config, transformers 5).
@@ -168,14 +302,131 @@ class DeepseekConfig:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> DeepseekConfig:
-        data = dict(data)
-        data["rope"] = RopeConfig(**data["rope"])
-        data["eos_token_ids"] = tuple(data.get("eos_token_ids", ()))
-        data["ignored_keys"] = tuple(data.get("ignored_keys", ()))
-        if data.get("fp8_block_size") is not None:
-            data["fp8_block_size"] = tuple(data["fp8_block_size"])
-        return cls(**data)
+    def from_dict(cls, data: Any, source: str = "manifest.json model.config") -> DeepseekConfig:
+        """The inverse of :meth:`to_dict`, for a config stored in an artifact's manifest: unknown or
+        missing keys, wrong types and values out of bounds are a :class:`ConfigError`."""
+        if not isinstance(data, dict):
+            raise ConfigError(f"{source}: expected an object, got {type(data).__name__}")
+        _check_keys(data, cls, source)
+        check_bounds(data, _STORED_BOUNDS, source)
+        rope = data["rope"]
+        if not isinstance(rope, dict):
+            raise ConfigError(f"{source}: rope must be an object, got {short_repr(rope)}")
+        _check_keys(rope, RopeConfig, source, "rope.")
+        check_bounds(rope, _STORED_ROPE_BOUNDS, source, "rope.")
+        eos = data.get("eos_token_ids", [])
+        if not isinstance(eos, list | tuple):
+            raise ConfigError(f"{source}: eos_token_ids must be a list of token ids, got {short_repr(eos)}")
+        ignored = data.get("ignored_keys", [])
+        if not isinstance(ignored, list | tuple) or not all(isinstance(k, str) for k in ignored):
+            raise ConfigError(f"{source}: ignored_keys must be a list of strings, got {short_repr(ignored)}")
+        cfg = cls(
+            **{
+                **data,
+                "rope": RopeConfig(**rope),
+                "eos_token_ids": _check_token_ids(list(eos), source, "eos_token_ids"),
+                "ignored_keys": tuple(ignored),
+                "fp8_block_size": _check_block(data.get("fp8_block_size"), source, "fp8_block_size"),
+            }
+        )
+        check_consistency(cfg, source)
+        return cfg
+
+
+_STORED_BOUNDS: dict[str, Bound] = {
+    **{f.name: CONFIG_BOUNDS[f.name] for f in fields(DeepseekConfig) if f.name in CONFIG_BOUNDS},
+    "model_type": Bound(str, choices=SUPPORTED_MODEL_TYPES),
+    "n_shared_experts": _int(0, 64),
+    "n_routed_experts": _int(0, 4096),
+    "num_experts_per_tok": _int(0, 4096),  # 0 in a model without routed experts
+    "n_group": _int(1, 4096),
+    "topk_group": _int(1, 4096),
+    "first_k_dense_replace": _int(0, 1024),
+    "norm_topk_prob": _BOOL,
+    "tie_word_embeddings": _BOOL,
+    "attention_bias": _BOOL,
+    "scoring_func": Bound(str, choices=("sigmoid", "softmax")),
+    "topk_method": Bound(str, choices=("noaux_tc", "greedy", "group_limited_greedy")),
+}
+_STORED_ROPE_BOUNDS: dict[str, Bound] = {
+    **{f.name: ROPE_BOUNDS[f.name] for f in fields(RopeConfig) if f.name in ROPE_BOUNDS},
+    "rope_type": Bound(str, choices=("default", "yarn")),
+    "theta": _float(1, 1e12),
+    "truncate": _BOOL,
+}
+
+
+def _check_keys(data: dict[str, Any], cls: type, source: str, prefix: str = "") -> None:
+    known = {f.name: f for f in fields(cls)}
+    unknown = sorted(k for k in data if k not in known)
+    if unknown:
+        raise ConfigError(f"{source}: unknown key(s) {', '.join(prefix + repr(k) for k in unknown)[:200]}")
+    required = [n for n, f in known.items() if f.default is MISSING and f.default_factory is MISSING]
+    missing = [n for n in required if n not in data]
+    if missing:
+        raise ConfigError(f"{source}: missing key(s) {', '.join(prefix + n for n in missing)}")
+
+
+def _check_block(block: Any, source: str, name: str) -> tuple[int, int] | None:
+    if block is None:
+        return None
+    if not isinstance(block, list | tuple) or len(block) != 2 or not all(_BLOCK.admits(b) for b in block):
+        raise ConfigError(
+            f"{source}: {name}={short_repr(block)} is not allowed; expected two integers in [1, {_number(_BLOCK.high)}]"
+        )
+    return (block[0], block[1])
+
+
+def check_consistency(cfg: DeepseekConfig, source: str) -> None:
+    """The rules that relate fields to each other (each field is already within its own bounds)."""
+    n_routed, n_group, topk_group, top_k = (
+        cfg.n_routed_experts,
+        cfg.n_group,
+        cfg.topk_group,
+        cfg.num_experts_per_tok,
+    )
+    if n_routed:
+        if not top_k:
+            raise ConfigError(f"{source}: num_experts_per_tok is required when n_routed_experts > 0")
+        if n_routed % n_group or not 1 <= topk_group <= n_group:
+            raise ConfigError(
+                f"{source}: n_routed_experts={n_routed} must split into n_group={n_group} groups "
+                f"with 1 <= topk_group={topk_group} <= n_group"
+            )
+        if top_k > n_routed:
+            raise ConfigError(
+                f"{source}: num_experts_per_tok={top_k} is not allowed; expected an integer in "
+                f"[1, n_routed_experts={n_routed}]"
+            )
+        if top_k > topk_group * (n_routed // n_group):
+            raise ConfigError(f"{source}: num_experts_per_tok={top_k} exceeds the experts in topk_group groups")
+        if cfg.num_hidden_layers * n_routed > MAX_ROUTED_EXPERTS_TOTAL:
+            raise ConfigError(
+                f"{source}: num_hidden_layers x n_routed_experts = {cfg.num_hidden_layers} x {n_routed} routed "
+                f"experts is more than {MAX_ROUTED_EXPERTS_TOTAL} allowed"
+            )
+    if cfg.first_k_dense_replace > cfg.num_hidden_layers:
+        raise ConfigError(
+            f"{source}: first_k_dense_replace={cfg.first_k_dense_replace} is not allowed; expected an integer in "
+            f"[0, num_hidden_layers={cfg.num_hidden_layers}]"
+        )
+    if cfg.qk_rope_head_dim % 2:
+        raise ConfigError(f"{source}: qk_rope_head_dim must be even")
+    named = [("bos_token_id", cfg.bos_token_id)] + [("eos_token_id", t) for t in cfg.eos_token_ids]
+    for name, token in named:
+        if token is not None and not 0 <= token < cfg.vocab_size:
+            raise ConfigError(
+                f"{source}: {name}={token} is outside the vocabulary (expected an integer in [0, {cfg.vocab_size - 1}])"
+            )
+    rope = cfg.rope
+    if rope.rope_type == "yarn":
+        if rope.factor is None or not 1 <= rope.factor <= 1e4:
+            raise ConfigError(
+                f"{source}: rope factor={rope.factor!r} is not allowed; expected a finite number in [1, 10000] "
+                "(max_position_embeddings / original_max_position_embeddings when not given)"
+            )
+        if rope.original_max_position_embeddings is None:
+            raise ConfigError(f"{source}: yarn rope needs original_max_position_embeddings")
 
 
 def yarn_mscale(scale: float, mscale: float = 1.0) -> float:
@@ -185,26 +436,47 @@ def yarn_mscale(scale: float, mscale: float = 1.0) -> float:
 
 
 def load_config(checkpoint_dir: str | Path) -> DeepseekConfig:
-    """Read and validate ``config.json`` of a Hugging Face DeepSeek checkpoint directory."""
-    path = Path(checkpoint_dir) / "config.json"
-    if not Path(checkpoint_dir).is_dir():
+    """Read and validate ``config.json`` of a Hugging Face DeepSeek checkpoint directory.
+
+    The file is opened through :mod:`moeport.models.paths`: a ``config.json`` symlink leaving the
+    directory is refused (except into the ``blobs/`` of a Hugging Face hub-cache snapshot)."""
+    directory = Path(checkpoint_dir)
+    path = directory / "config.json"
+    if not directory.is_dir():
         raise ConfigError(f"checkpoint directory not found: {checkpoint_dir}")
-    if not path.is_file():
-        raise ConfigError(f"{path}: missing; a Hugging Face checkpoint needs config.json")
+    blobs = hub_blobs(directory)
     try:
-        raw = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ConfigError(f"{path}: not valid JSON ({exc})") from exc
+        fd, st = open_inside(directory, "config.json", "config", also=[blobs] if blobs else [])
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: missing; a Hugging Face checkpoint needs config.json") from None
+    except UnsafePathError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot open ({exc.strerror})") from None
+    try:
+        if st.st_size > MAX_CONFIG_BYTES:
+            raise ConfigError(f"{path}: {st.st_size} bytes, more than {MAX_CONFIG_BYTES} allowed for a config")
+        data = read_fd(fd, st.st_size)
+    finally:
+        os.close(fd)
+    try:
+        raw = load_json_bounded(data, max_depth=32, allow_nan=True)
+    except ValueError as exc:
+        raise ConfigError(f"{path}: not valid JSON ({exc})") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a JSON object")
     return parse_config(raw, source=str(path))
 
 
 def parse_config(raw: dict[str, Any], source: str = "config.json") -> DeepseekConfig:
+    """A :class:`DeepseekConfig` from a config.json object; :class:`ConfigError` names the first field
+    that is missing, of the wrong type, out of bounds or inconsistent with the others."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: expected a JSON object, got {type(raw).__name__}")
     model_type = raw.get("model_type")
-    if model_type not in SUPPORTED_MODEL_TYPES:
+    if not isinstance(model_type, str) or model_type not in SUPPORTED_MODEL_TYPES:
         raise ConfigError(
-            f"{source}: unsupported model_type {model_type!r}; moeport supports "
+            f"{source}: unsupported model_type {short_repr(model_type)}; moeport supports "
             f"{', '.join(SUPPORTED_MODEL_TYPES)} (DeepSeek-V2/V2-Lite/V3/R1 and compatible)"
         )
     ignored = []
@@ -212,6 +484,11 @@ def parse_config(raw: dict[str, Any], source: str = "config.json") -> DeepseekCo
         log.info("%s: ignoring auto_map (remote code is never executed)", source)
         ignored.append("auto_map")
     cfg = {**_DEFAULTS[model_type], **{k: v for k, v in raw.items() if v is not None or k == "q_lora_rank"}}
+    check_bounds(cfg, CONFIG_BOUNDS, source)  # before anything is derived from them
+    rope_params = _rope_params(raw, source)
+    eos = cfg.get("eos_token_id")
+    eos_ids = () if eos is None else _check_token_ids(eos, source, "eos_token_id")
+    fp8_block = _parse_quantization(raw.get("quantization_config"), source)
 
     # transformers ignores scoring_func/topk_method for V3 (always sigmoid + noaux_tc) and always uses
     # softmax for V2; only V2's topk_method ("greedy" | "group_limited_greedy") changes the routing.
@@ -226,86 +503,78 @@ def parse_config(raw: dict[str, Any], source: str = "config.json") -> DeepseekCo
             raise ConfigError(f"{source}: deepseek_v2 topk_method {topk_method!r} is not supported")
         if raw.get("norm_topk_prob"):
             log.warning("%s: deepseek_v2 norm_topk_prob is ignored, as in transformers", source)
-
-    n_routed = int(cfg.get("n_routed_experts") or 0)
-    top_k = cfg.get("num_experts_per_tok")
-    if n_routed and not top_k:
-        raise ConfigError(f"{source}: num_experts_per_tok is required when n_routed_experts > 0")
-    n_group = int(cfg.get("n_group") or 1)
-    topk_group = int(cfg.get("topk_group") or n_group)
-    if n_routed and (n_routed % n_group or not 1 <= topk_group <= n_group):
-        raise ConfigError(
-            f"{source}: n_routed_experts={n_routed} must split into n_group={n_group} groups "
-            f"with 1 <= topk_group={topk_group} <= n_group"
-        )
-    if n_routed and top_k > topk_group * (n_routed // n_group):
-        raise ConfigError(f"{source}: num_experts_per_tok={top_k} exceeds the experts in topk_group groups")
     if cfg.get("hidden_act", "silu") != "silu":
         raise ConfigError(f"{source}: hidden_act {cfg['hidden_act']!r} is not supported (only silu)")
     if cfg.get("attention_bias"):
         raise ConfigError(f"{source}: attention_bias=true is not supported")
-    if cfg["qk_rope_head_dim"] % 2:
-        raise ConfigError(f"{source}: qk_rope_head_dim must be even")
 
-    eos = cfg.get("eos_token_id")
-    eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (int(eos),))
-    qcfg = raw.get("quantization_config") or {}
-    fp8_block = None
-    if qcfg:
-        if qcfg.get("quant_method") != "fp8":
-            raise ConfigError(
-                f"{source}: quantization_config.quant_method {qcfg.get('quant_method')!r} is not supported "
-                "(only DeepSeek's block fp8)"
-            )
-        fp8_block = tuple(int(x) for x in qcfg.get("weight_block_size", (128, 128)))
-    try:
-        return DeepseekConfig(
-            model_type=model_type,
-            vocab_size=int(cfg["vocab_size"]),
-            hidden_size=int(cfg["hidden_size"]),
-            intermediate_size=int(cfg["intermediate_size"]),
-            moe_intermediate_size=int(cfg["moe_intermediate_size"]),
-            num_hidden_layers=int(cfg["num_hidden_layers"]),
-            num_attention_heads=int(cfg["num_attention_heads"]),
-            n_shared_experts=int(cfg.get("n_shared_experts") or 0),
-            n_routed_experts=n_routed,
-            num_experts_per_tok=int(top_k or 0),
-            routed_scaling_factor=float(cfg["routed_scaling_factor"]),
-            kv_lora_rank=int(cfg["kv_lora_rank"]),
-            q_lora_rank=None if cfg.get("q_lora_rank") is None else int(cfg["q_lora_rank"]),
-            qk_rope_head_dim=int(cfg["qk_rope_head_dim"]),
-            qk_nope_head_dim=int(cfg["qk_nope_head_dim"]),
-            v_head_dim=int(cfg["v_head_dim"]),
-            n_group=n_group,
-            topk_group=topk_group,
-            first_k_dense_replace=int(cfg.get("first_k_dense_replace") or 0),
-            norm_topk_prob=bool(cfg.get("norm_topk_prob")) and model_type == "deepseek_v3",
-            scoring_func=scoring,
-            topk_method=topk_method,
-            max_position_embeddings=int(cfg["max_position_embeddings"]),
-            rms_norm_eps=float(cfg["rms_norm_eps"]),
-            tie_word_embeddings=bool(cfg.get("tie_word_embeddings")),
-            rope_interleave=bool(cfg.get("rope_interleave", True)),
-            attention_bias=False,
-            rope=_parse_rope(raw, cfg, source),
-            bos_token_id=cfg.get("bos_token_id"),
-            eos_token_ids=eos_ids,
-            fp8_block_size=fp8_block,
-            ignored_keys=tuple(ignored),
-        )
-    except (KeyError, TypeError, ValueError) as exc:
-        raise ConfigError(f"{source}: bad or missing field ({exc})") from exc
+    n_group = cfg.get("n_group") or 1
+    config = DeepseekConfig(
+        model_type=model_type,
+        vocab_size=cfg["vocab_size"],
+        hidden_size=cfg["hidden_size"],
+        intermediate_size=cfg["intermediate_size"],
+        moe_intermediate_size=cfg["moe_intermediate_size"],
+        num_hidden_layers=cfg["num_hidden_layers"],
+        num_attention_heads=cfg["num_attention_heads"],
+        n_shared_experts=cfg.get("n_shared_experts") or 0,
+        n_routed_experts=cfg.get("n_routed_experts") or 0,
+        num_experts_per_tok=cfg.get("num_experts_per_tok") or 0,
+        routed_scaling_factor=float(cfg["routed_scaling_factor"]),
+        kv_lora_rank=cfg["kv_lora_rank"],
+        q_lora_rank=cfg.get("q_lora_rank"),
+        qk_rope_head_dim=cfg["qk_rope_head_dim"],
+        qk_nope_head_dim=cfg["qk_nope_head_dim"],
+        v_head_dim=cfg["v_head_dim"],
+        n_group=n_group,
+        topk_group=cfg.get("topk_group") or n_group,
+        first_k_dense_replace=cfg.get("first_k_dense_replace") or 0,
+        norm_topk_prob=bool(cfg.get("norm_topk_prob")) and model_type == "deepseek_v3",
+        scoring_func=scoring,
+        topk_method=topk_method,
+        max_position_embeddings=cfg["max_position_embeddings"],
+        rms_norm_eps=float(cfg["rms_norm_eps"]),
+        tie_word_embeddings=bool(cfg.get("tie_word_embeddings")),
+        rope_interleave=cfg.get("rope_interleave", True),
+        attention_bias=False,
+        rope=_parse_rope(raw, cfg, rope_params, source),
+        bos_token_id=cfg.get("bos_token_id"),
+        eos_token_ids=eos_ids,
+        fp8_block_size=fp8_block,
+        ignored_keys=tuple(ignored),
+    )
+    check_consistency(config, source)
+    return config
 
 
-def _parse_rope(raw: dict[str, Any], cfg: dict[str, Any], source: str) -> RopeConfig:
+def _rope_params(raw: dict[str, Any], source: str) -> dict[str, Any]:
+    for key in ("rope_scaling", "rope_parameters"):
+        value = raw.get(key)
+        if value is not None and not isinstance(value, dict):
+            raise ConfigError(f"{source}: {key} must be an object, got {short_repr(value)}")
+        check_bounds(value or {}, ROPE_BOUNDS, source, prefix=f"{key}.")
     # as in transformers, a legacy rope_scaling wins over rope_parameters when both are present
-    params = raw.get("rope_scaling") or raw.get("rope_parameters") or {}
-    if not isinstance(params, dict):
-        raise ConfigError(f"{source}: rope_parameters/rope_scaling must be an object")
+    return raw.get("rope_scaling") or raw.get("rope_parameters") or {}
+
+
+def _parse_quantization(qcfg: Any, source: str) -> tuple[int, int] | None:
+    if not qcfg:
+        return None
+    if not isinstance(qcfg, dict):
+        raise ConfigError(f"{source}: quantization_config must be an object, got {short_repr(qcfg)}")
+    if qcfg.get("quant_method") != "fp8":
+        raise ConfigError(
+            f"{source}: quantization_config.quant_method {short_repr(qcfg.get('quant_method'))} is not supported "
+            "(only DeepSeek's block fp8)"
+        )
+    return _check_block(qcfg.get("weight_block_size", [128, 128]), source, "quantization_config.weight_block_size")
+
+
+def _parse_rope(raw: dict[str, Any], cfg: dict[str, Any], params: dict[str, Any], source: str) -> RopeConfig:
     rope_type = params.get("rope_type") or params.get("type") or "default"
     theta = float(
         params.get("rope_theta")
-        or raw.get("rope_theta")
+        or cfg.get("rope_theta")
         or (raw.get("rope_parameters") or {}).get("rope_theta")
         or 10000.0
     )
@@ -313,8 +582,8 @@ def _parse_rope(raw: dict[str, Any], cfg: dict[str, Any], source: str) -> RopeCo
         return RopeConfig(theta=theta)
     if rope_type != "yarn":
         raise ConfigError(f"{source}: rope type {rope_type!r} is not supported (default, yarn)")
-    original = int(
-        raw.get("original_max_position_embeddings")
+    original = (
+        cfg.get("original_max_position_embeddings")
         or params.get("original_max_position_embeddings")
         or cfg["max_position_embeddings"]
     )
@@ -331,5 +600,5 @@ def _parse_rope(raw: dict[str, Any], cfg: dict[str, Any], source: str) -> RopeCo
         mscale=params.get("mscale"),
         mscale_all_dim=params.get("mscale_all_dim"),
         attention_factor=params.get("attention_factor"),
-        truncate=bool(params.get("truncate", True)),
+        truncate=params.get("truncate", True) is not False,
     )

@@ -143,6 +143,235 @@ def test_missing_checkpoint_directory(tmp_path):
     export_fails(tmp_path / "nope", tmp_path, ConfigError, "checkpoint directory not found")
 
 
+# -- safetensors headers from strangers: every malformed header is a CheckpointError naming the file ------
+# and the tensor, never a traceback, and nothing inconsistent is accepted (as the safetensors library)
+
+NORM = "model.norm.weight"  # shape (64,), float32
+
+
+def split_file(f: Path) -> tuple[dict, bytes]:
+    """A safetensors file's header (as a dict) and its data bytes."""
+    blob = f.read_bytes()
+    n = int.from_bytes(blob[:8], "little")
+    return json.loads(blob[8 : 8 + n]), blob[8 + n :]
+
+
+def write_file(f: Path, header: dict | str, data: bytes) -> None:
+    text = (header if isinstance(header, str) else json.dumps(header)).encode()
+    f.write_bytes(len(text).to_bytes(8, "little") + text + data)
+
+
+def change_header(ckpt: Path, change) -> None:
+    header, data = split_file(ckpt / "model.safetensors")
+    change(header)
+    write_file(ckpt / "model.safetensors", header, data)
+
+
+def refused(ckpt: Path, match: str) -> None:
+    from moeport.models import Checkpoint
+
+    with pytest.raises(CheckpointError, match=match):
+        Checkpoint(ckpt)
+
+
+def test_deeply_nested_header_is_refused_before_parsing(ckpt):
+    _, data = split_file(ckpt / "model.safetensors")
+    write_file(ckpt / "model.safetensors", '{"a": ' + "[" * 100_000 + "]" * 100_000 + "}", data)
+    refused(ckpt, r"^model.safetensors: corrupt safetensors header \(nested 100001 levels deep \(at most 8")
+
+
+def first_tensor(header: dict) -> str:
+    return min((n for n in header if n != "__metadata__"), key=lambda n: header[n]["data_offsets"])
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (
+            lambda h: h[NORM].update(data_offsets=[str(o) for o in h[NORM]["data_offsets"]]),
+            r"tensor 'model.norm.weight': data_offsets must be two non-negative ints, got \['",
+        ),
+        (lambda h: h[NORM].update(shape=[64.0]), r"tensor 'model.norm.weight': shape must hold ints in \[0, "),
+        (lambda h: h[NORM].update(shape=[True, 64]), r"tensor 'model.norm.weight': shape must hold ints"),
+        (lambda h: h[NORM].update(shape="64"), r"tensor 'model.norm.weight': shape must be a list"),
+        (lambda h: h[NORM].update(shape=[-64, -1]), r"tensor 'model.norm.weight': shape must hold ints in \[0, "),
+        (lambda h: h[NORM].update(dtype=["F32"]), r"tensor 'model.norm.weight': unsupported dtype \['F32'\]"),
+        (
+            lambda h: h[first_tensor(h)].update(data_offsets=[False, h[first_tensor(h)]["data_offsets"][1]]),
+            r"tensor 'model.embed_tokens.weight': data_offsets must be two non-negative ints, got \[False",
+        ),
+        (lambda h: h.update(__metadata__={"format": 1}), r"__metadata__ must map strings to strings"),
+        (lambda h: h[NORM].pop("dtype"), r"tensor 'model.norm.weight': header entry lacks dtype"),
+    ],
+    ids=["string offsets", "float dim", "bool dim", "string shape", "negative shape", "list dtype", "bool offset",
+         "metadata", "no dtype"],
+)  # fmt: skip
+def test_malformed_header_entry_is_named(ckpt, change, message):
+    change_header(ckpt, change)
+    refused(ckpt, r"^model.safetensors: " + message)
+
+
+def test_shape_whose_element_count_overflows_int64_is_refused(ckpt):
+    # 2**32 x 2**32 elements wrap to 0 in int64, which matched an empty byte range before
+    def add(h: dict) -> None:
+        end = max(e["data_offsets"][1] for n, e in h.items() if n != "__metadata__")
+        h["evil"] = {"dtype": "F32", "shape": [2**32, 2**32], "data_offsets": [end, end]}
+
+    change_header(ckpt, add)
+    refused(ckpt, r"tensor 'evil': shape \[4294967296, 4294967296\] has 18446744073709551616 elements, more than")
+
+
+def test_overlapping_byte_ranges_are_refused(ckpt):
+    a, b = "model.layers.0.input_layernorm.weight", "model.layers.0.post_attention_layernorm.weight"
+    change_header(ckpt, lambda h: h[b].update(data_offsets=h[a]["data_offsets"]))
+    refused(ckpt, rf"tensors '{a}' and '{b}' overlap")
+
+
+def test_duplicate_tensor_names_in_one_header_are_refused(ckpt):
+    header, data = split_file(ckpt / "model.safetensors")
+    text = json.dumps(header)[:-1] + f', "{NORM}": ' + json.dumps(header[NORM]) + "}"
+    write_file(ckpt / "model.safetensors", text, data)
+    refused(ckpt, r"corrupt safetensors header \(duplicate key 'model.norm.weight'\)")
+
+
+def test_bytes_the_header_does_not_describe_are_refused(ckpt):
+    header, data = split_file(ckpt / "model.safetensors")
+    write_file(ckpt / "model.safetensors", header, data + bytes(16))
+    refused(ckpt, r"^model.safetensors: 16 bytes after the last tensor")
+
+
+def test_tensors_are_mapped_from_the_file_that_was_checked(ckpt):
+    """Replacing the file after it was opened changes nothing: the open descriptor is mapped."""
+    from moeport.models import Checkpoint
+
+    c = Checkpoint(ckpt)
+    before = np.array(c.raw(NORM))
+    header, data = split_file(ckpt / "model.safetensors")
+    swapped = ckpt / "swapped"
+    write_file(swapped, header, bytes(len(data)))  # all zeros
+    swapped.replace(ckpt / "model.safetensors")
+    now = c.raw(NORM)
+    np.testing.assert_array_equal(now, before)
+    assert not now.flags.writeable and not now.flags.owndata  # a read-only map, not a copy
+    c.close()
+
+
+# -- shard indexes: names stay inside the checkpoint, and the index agrees with the shards -----------------
+
+
+def shard(ckpt: Path, weight_map: dict | None = None) -> dict[str, str]:
+    """Split the checkpoint's model.safetensors into two shards with an index (``weight_map`` if given)."""
+    tensors = read_tensors(ckpt / "model.safetensors")
+    names, computed = list(tensors), {}
+    for k, part in enumerate((names[::2], names[1::2])):
+        name = f"model-0000{k + 1}-of-00002.safetensors"
+        write_safetensors(ckpt / name, {n: tensors[n] for n in part}, "F32")
+        computed.update(dict.fromkeys(part, name))
+    (ckpt / "model.safetensors").unlink()
+    write_index(ckpt, computed if weight_map is None else weight_map)
+    return computed
+
+
+def write_index(ckpt: Path, weight_map) -> None:
+    (ckpt / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+
+
+SHARD1 = "model-00001-of-00002.safetensors"
+
+
+def test_sharded_checkpoint_exports(ckpt, tmp_path):
+    shard(ckpt)
+    load(export(ckpt, tmp_path / "out")).session().prefill([1, 2, 3])
+
+
+def test_shard_in_a_subdirectory_is_a_plain_name(ckpt, tmp_path):
+    weight_map = shard(ckpt)
+    (ckpt / "weights").mkdir()
+    (ckpt / SHARD1).rename(ckpt / "weights" / SHARD1)
+    write_index(ckpt, {t: f"weights/{s}" if s == SHARD1 else s for t, s in weight_map.items()})
+    load(export(ckpt, tmp_path / "out")).session().prefill([1, 2, 3])
+
+
+@pytest.mark.parametrize(
+    "weight_map, message",
+    [
+        (["model-00001-of-00002.safetensors"], r"weight_map must be an object of tensor -> shard name, got list"),
+        ({NORM: 5}, r"shard of tensor 'model.norm.weight' must be a file name, got 5"),
+    ],
+)
+def test_index_weight_map_of_the_wrong_type_is_refused(ckpt, weight_map, message):
+    shard(ckpt)
+    write_index(ckpt, weight_map)
+    refused(ckpt, r"^model.safetensors.index.json: " + message)
+
+
+@pytest.mark.parametrize("where", ["../outside.safetensors", "absolute"])
+def test_shard_name_outside_the_directory_is_refused_by_name(ckpt, tmp_path, where):
+    weight_map = shard(ckpt)
+    outside = tmp_path / "outside.safetensors"
+    (ckpt / SHARD1).rename(outside)
+    name = where if where != "absolute" else str(outside)
+    write_index(ckpt, {t: name if s == SHARD1 else s for t, s in weight_map.items()})
+    refused(ckpt, rf"^model.safetensors.index.json: tensor '.*': shard name '{name[:30]}.* is (not a plain rel|an abs)")
+
+
+@pytest.mark.parametrize("name", [SHARD1, "model.safetensors.index.json"])
+def test_shard_or_index_symlinked_outside_the_directory_is_refused(ckpt, tmp_path, name):
+    shard(ckpt)
+    (ckpt / name).rename(tmp_path / name)
+    (ckpt / name).symlink_to(tmp_path / name)
+    refused(ckpt, rf"{name}' resolves to .*, outside .*ckpt \(a symlink leaving it\?\)")
+
+
+def test_model_safetensors_symlinked_outside_the_directory_is_refused(ckpt, tmp_path, tiny_checkpoint):
+    (ckpt / "model.safetensors").unlink()
+    (ckpt / "model.safetensors").symlink_to(tiny_checkpoint / "model.safetensors")
+    refused(ckpt, r"weight file 'model.safetensors' resolves to .*, outside")
+
+
+def test_config_symlinked_outside_the_directory_is_refused(ckpt, tiny_checkpoint):
+    from moeport.models import load_config
+
+    (ckpt / "config.json").unlink()
+    (ckpt / "config.json").symlink_to(tiny_checkpoint / "config.json")
+    with pytest.raises(ConfigError, match=r"config.json: config 'config.json' resolves to .*, outside"):
+        load_config(ckpt)
+
+
+def test_hugging_face_hub_cache_snapshot_with_symlinks_into_blobs_exports(ckpt, tmp_path):
+    """A hub-cache snapshot's files are symlinks into ../../blobs: allowed, and only there."""
+    shard(ckpt)
+    repo = tmp_path / "hub" / "models--org--tiny"
+    snapshot = repo / "snapshots" / "0123abc"
+    (repo / "blobs").mkdir(parents=True)
+    snapshot.mkdir(parents=True)
+    for k, f in enumerate(sorted(ckpt.iterdir())):
+        f.rename(repo / "blobs" / f"blob{k}")
+        (snapshot / f.name).symlink_to(f"../../blobs/blob{k}")
+    load(export(snapshot, tmp_path / "out")).session().prefill([1, 2, 3])
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ("moved", r"maps tensor 'model.norm.weight' to model-00001-of-00002.safetensors, but it is in model-00002"),
+        ("phantom", r"maps tensor 'phantom.weight' to model-00001-of-00002.safetensors, which does not contain it"),
+        ("unlisted", r"does not list tensor 'model.norm.weight' of model-00002-of-00002.safetensors"),
+    ],
+)
+def test_index_that_disagrees_with_the_shards_is_refused(ckpt, change, message):
+    weight_map = shard(ckpt)
+    assert weight_map[NORM] == "model-00002-of-00002.safetensors"
+    if change == "moved":
+        weight_map[NORM] = SHARD1
+    elif change == "phantom":
+        weight_map["phantom.weight"] = SHARD1
+    else:
+        del weight_map[NORM]
+    write_index(ckpt, weight_map)
+    refused(ckpt, r"^model.safetensors.index.json " + message)
+
+
 # -- output directory -----------------------------------------------------------------------------
 
 
