@@ -179,7 +179,8 @@ def _parse_backend_options(ctx, param, values) -> dict:
         if not sep or not key:
             raise click.BadParameter(f"expected KEY=VALUE, got {item!r}", param_hint="--backend-option")
         low = value.lower()
-        out[key] = int(value) if value.lstrip("-").isdigit() else (low == "true" if low in ("true", "false") else value)
+        is_int = value.isascii() and value.lstrip("-").isdigit()  # not '²' or '١', which str.isdigit accepts
+        out[key] = int(value) if is_int else (low == "true" if low in ("true", "false") else value)
     return out
 
 

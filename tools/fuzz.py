@@ -140,6 +140,9 @@ class Report:
         return "\n".join(lines)
 
 
+_SYSTEM_FILES = {"/etc/os-release", "/usr/lib/os-release"}
+
+
 class _OpenWatch:
     """An audit hook that, while armed with directories, records every open of a path outside them.
 
@@ -150,6 +153,10 @@ class _OpenWatch:
         self.outside: list[str] = []
         self._code = tuple(all_suffixes()) + (".pyc",)
         self._installed = False
+
+    @staticmethod
+    def _import_paths() -> set[str]:
+        return {os.path.realpath(p) for p in sys.path if p}
 
     def arm(self, *directories: Path) -> None:
         if not self._installed:
@@ -172,6 +179,10 @@ class _OpenWatch:
         real = os.path.realpath(os.fsdecode(path))
         if real.endswith(self._code) or any(real == r or real.startswith(r + os.sep) for r in roots):
             return
+        if real in _SYSTEM_FILES:
+            return  # fixed system facts some libraries read once (not a path any input can choose)
+        if ".dist-info" + os.sep in real or ".egg-info" + os.sep in real or real in self._import_paths():
+            return  # installed packages' metadata (the backend registry's entry points), import probes
         self.outside.append(real)
 
 
@@ -719,6 +730,273 @@ def fuzz_shard_index(case: tuple, directory: Path) -> None:
     reads_only_from(ckpt, *([blobs] if blobs.is_dir() else []))
     load_config(ckpt)
     _check_everything(ckpt)
+
+
+# -- target: artifact manifests ---------------------------------------------------------------------
+
+
+@functools.cache
+def tiny_artifact() -> Path:
+    """The tiny checkpoint exported (fp32), once per process; cases copy it."""
+    from moeport.exporter import export
+
+    return export(tiny_checkpoint(), _base() / "tiny-artifact")
+
+
+_MANIFEST_PATHS = st.sampled_from(
+    [
+        ("format",),
+        ("format_version",),
+        ("files",),
+        ("graph",),
+        ("graph", "file"),
+        ("graph", "weights_file"),
+        ("graph", "opset"),
+        ("cache",),
+        ("cache", "layers"),
+        ("cache", "dim"),
+        ("cache", "input"),
+        ("cache", "output"),
+        ("cache", "kind"),
+        ("cache", "dtype"),
+        ("weights",),
+        ("weights", "dtype"),
+        ("weights", "bytes"),
+        ("weights", "block_size"),
+        ("max_seq_len",),
+        ("model",),
+        ("model", "config"),
+        ("model", "config", "vocab_size"),
+        ("model", "config", "num_hidden_layers"),
+        ("model", "config", "kv_lora_rank"),
+        ("model", "config", "rope"),
+        ("compiled",),
+    ]
+)
+_FILE_NAMES = st.sampled_from(
+    [
+        "model.onnx",
+        "model.onnx.data",
+        "generation_config.json",
+        "../outside.json",
+        "/etc/hostname",
+        "a/../b",
+        "sub/x.json",
+        "compiled/tvm-x/lib.so",
+        "tokenizer.json",
+        "",
+        ".",
+        "x\\y",
+        "link-out.json",
+    ]
+)
+_MANIFEST_OPS = st.one_of(
+    st.tuples(st.just("set"), _MANIFEST_PATHS, CONFIG_VALUES),
+    st.tuples(st.just("delete"), _MANIFEST_PATHS),
+    st.tuples(st.just("file"), _FILE_NAMES, st.one_of(JUNK, st.just("honest"))),
+    st.tuples(st.just("unlist"), _FILE_NAMES),
+    st.tuples(st.just("side"), st.sampled_from(["generation_config.json", "tokenizer_config.json"]), JUNK),
+)
+MANIFEST_CASES = st.one_of(
+    st.tuples(st.just("ops"), st.lists(_MANIFEST_OPS, min_size=1, max_size=4)),
+    st.tuples(st.just("json"), JUNK),
+    st.tuples(st.just("bytes"), st.binary(max_size=300)),
+    st.tuples(st.just("nested"), st.integers(1, 200_000), st.sampled_from(["[", "{"])),
+)
+
+
+def build_manifest_case(case: tuple, directory: Path) -> Path:
+    """Copy the tiny artifact into ``directory/art`` and apply the case to its manifest and files."""
+    from moeport.exporter.manifest import sha256_file
+
+    art = _link_tree(tiny_artifact(), directory / "art")
+    (directory / "outside.json").write_text('{"eos_token_id": 1}')
+    (art / "link-out.json").symlink_to(directory / "outside.json")
+    path = art / "manifest.json"
+    original = path.read_text()
+    path.unlink()  # a hard link to the shared copy: write a file of the case's own
+    kind = case[0]
+    if kind == "bytes":
+        path.write_bytes(case[1])
+        return art
+    if kind == "nested":
+        path.write_text('{"format": "moeport-artifact", "format_version": 2, "x": ' + _nested(case[1], case[2]) + "}")
+        return art
+    if kind == "json":
+        path.write_text(json.dumps(case[1]))
+        return art
+    m = json.loads(original)
+    for op in case[1]:
+        if op[0] in ("set", "delete"):
+            keys, obj = op[1], m
+            for k in keys[:-1]:
+                obj = obj.get(k) if isinstance(obj, dict) else None
+            if not isinstance(obj, dict):
+                continue
+            if op[0] == "set":
+                obj[keys[-1]] = op[2]
+            else:
+                obj.pop(keys[-1], None)
+        elif op[0] == "file" and isinstance(m.get("files"), dict):
+            name, value = op[1], op[2]
+            if value == "honest":  # an attacker keeps the checksum right
+                target = art / name
+                if os.path.isfile(target) and not name.startswith("/"):
+                    value = {"sha256": sha256_file(target), "size": os.path.getsize(target)}
+                else:
+                    value = {"sha256": "0" * 64, "size": 2}
+            m["files"][name] = value
+        elif op[0] == "unlist" and isinstance(m.get("files"), dict):
+            m["files"].pop(op[1], None)
+        elif op[0] == "side":
+            (art / op[1]).unlink(missing_ok=True)
+            (art / op[1]).write_text(json.dumps(op[2]))
+            if isinstance(m.get("files"), dict):
+                m["files"][op[1]] = {"sha256": sha256_file(art / op[1]), "size": (art / op[1]).stat().st_size}
+    path.write_text(json.dumps(m))
+    return art
+
+
+@target("manifest", MANIFEST_CASES, setup=tiny_artifact)
+def fuzz_manifest(case: tuple, directory: Path) -> None:
+    """Read, verify and load an artifact with a mutated manifest (names, values, side files), then run a
+    step: a clean refusal or a working model, never anything else."""
+    from moeport.backends.cpu import CpuBackend
+    from moeport.exporter.manifest import read_artifact
+    from moeport.runtime.model import Model
+
+    art = build_manifest_case(case, directory)
+    artifact = read_artifact(art, verify=False)
+    try:
+        artifact.verify(use_cache=False)
+        model = Model(artifact, CpuBackend().compile(artifact, {"threads": 1}), "cpu")
+        model.session().generate([1, 2], max_new_tokens=2)
+    finally:
+        artifact.close()
+
+
+# -- target: command-line flags ------------------------------------------------------------------------
+
+
+def _link_tree(src: Path, dst: Path) -> Path:
+    """``src``'s files hard-linked into ``dst`` (no reads: the shared copy lies outside the case directory)."""
+    for path in src.rglob("*"):
+        target = dst / path.relative_to(src)
+        if path.is_dir():
+            target.mkdir(parents=True, exist_ok=True)
+        else:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            os.link(path, target)
+    return dst
+
+
+def _big(text: str, limit: int) -> bool:
+    try:
+        return abs(int(text)) > limit
+    except ValueError:
+        return False
+
+
+class CliRefused(Exception):
+    """The CLI stopped with a clean one-line error (exit 1 or 2)."""
+
+
+_FLAG_VALUES = st.one_of(
+    SPECIAL_INTS.map(str),
+    st.integers(-5, 300).map(str),
+    st.sampled_from(["nan", "inf", "-inf", "-0", "1e309", "0.5", "1.0", "", " ", "abc", "true", "0x10", "１"]),
+    st.text(max_size=6),
+)
+_OPTION_KEYS = st.sampled_from(
+    [
+        "threads",
+        "accuracy_level",
+        "reference",
+        "half_kernels",
+        "quant_kernels",
+        "attention_kernels",
+        "verify",
+        "trust_compiled",
+        "progress",
+        "bogus",
+        "",
+        "buckets",
+        "target",
+    ]
+)
+_CLI_FLAGS = st.one_of(
+    st.tuples(
+        st.sampled_from(
+            [
+                "--max-new-tokens",
+                "--temperature",
+                "--top-k",
+                "--top-p",
+                "--min-p",
+                "--repetition-penalty",
+                "--seed",
+                "--stop",
+                "--on-context-limit",
+                "--threads",
+                "--backend",
+                "--prompt-ids",
+                "--prompt",
+                "--system",
+                "--buckets",
+                "--cache-capacity",
+                "--device-id",
+                "--npu-dtype",
+            ]
+        ),
+        _FLAG_VALUES,
+    ),
+    st.tuples(st.just("-o"), st.tuples(_OPTION_KEYS, _FLAG_VALUES).map(lambda kv: f"{kv[0]}={kv[1]}")),
+    st.tuples(st.sampled_from(["--ignore-eos", "--json", "--chat", "--trust-compiled", "--bogus-flag"])),
+)
+CLI_CASES = st.tuples(st.sampled_from(["run", "bench", "inspect"]), st.lists(_CLI_FLAGS, max_size=5))
+
+
+@target("cli-flags", CLI_CASES, refusals=lambda: (CliRefused,), setup=tiny_artifact)
+def fuzz_cli_flags(case: tuple, directory: Path) -> None:
+    """``moeport run|bench|inspect`` with random flags: exit 0, or one clean error line (exit 1/2); never a
+    traceback, an internal error or a hang. Only the cpu backend (and unknown names) are drawn: the
+    compiling backends would write builds into the artifact."""
+    from click.testing import CliRunner
+
+    from moeport.tools.cli import main as cli
+
+    command, flags = case
+    art = _link_tree(tiny_artifact(), directory / "art")
+    args = [command, str(art)]
+    if command == "run":
+        args += ["--prompt-ids", "1,2,3", "--max-new-tokens", "3"]
+    elif command == "bench":
+        args += ["--prompt-len", "4", "--new-tokens", "2"]
+    for flag in flags:
+        if flag[0] == "--backend" and flag[1] not in ("cpu", "auto"):
+            args += ["--backend", "nosuch" + flag[1]]
+        elif command == "bench" and flag[0] in ("--max-new-tokens", "--prompt-ids", "--prompt", "--stop"):
+            continue
+        elif flag[0] == "--max-new-tokens" and _big(flag[1], 64):
+            args += [flag[0], "64"]  # a long generation is not a finding
+        elif "threads" in "".join(flag) and _big(flag[-1].split("=")[-1], 16):
+            args += [flag[0], flag[-1].replace(flag[-1].split("=")[-1], "2")]  # hundreds of threads on 2 cores
+        else:
+            args += list(flag)
+    env = {"XDG_CACHE_HOME": str(directory / "cache"), "MOEPORT_TRUSTED_KEYS": str(directory / "keys")}
+    result = CliRunner().invoke(cli, args, env=env, catch_exceptions=True)
+    out = result.output
+    if result.exception is not None and not isinstance(result.exception, SystemExit):
+        raise result.exception
+    if "Traceback" in out or "internal error" in out:
+        raise AssertionError(f"{args}: {out[-400:]}")
+    if result.exit_code in (1, 2):
+        errors = [line for line in out.splitlines() if line.startswith("Error")]
+        if len(errors) != 1:
+            raise AssertionError(f"{args}: exit {result.exit_code} without one Error line: {out[-400:]}")
+        raise CliRefused(errors[0])
+    if result.exit_code != 0:
+        raise AssertionError(f"{args}: exit code {result.exit_code}")
 
 
 # -- command line ----------------------------------------------------------------------------------
