@@ -104,9 +104,25 @@ def _no_constant(name: str) -> Any:
     raise ValueError(f"{name} is not JSON")
 
 
-def load_json_bounded(data: bytes, max_depth: int = _MAX_DEPTH, allow_nan: bool = False) -> Any:
+def _finite_int(text: str) -> int:
+    value = int(text)
+    float(value)  # OverflowError beyond a double's range, as JSON parsers in other languages refuse it
+    return value
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"number {short_repr(text)} is out of range")
+    return value
+
+
+def load_json_bounded(
+    data: bytes, max_depth: int = _MAX_DEPTH, allow_nan: bool = False, finite_numbers: bool = False
+) -> Any:
     """Parse UTF-8 JSON from an untrusted file: nesting at most ``max_depth`` deep, no duplicate keys,
-    and (unless ``allow_nan``) no ``NaN``/``Infinity``. Raises ValueError naming the problem."""
+    (unless ``allow_nan``) no ``NaN``/``Infinity``, and with ``finite_numbers`` no number beyond a double's
+    range (as the ``safetensors`` library's own parser). Raises ValueError naming the problem."""
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as exc:
@@ -114,8 +130,13 @@ def load_json_bounded(data: bytes, max_depth: int = _MAX_DEPTH, allow_nan: bool 
     depth = json_depth(data)
     if depth > max_depth:
         raise ValueError(f"nested {depth} levels deep (at most {max_depth} allowed)")
+    numbers = {"parse_int": _finite_int, "parse_float": _finite_float} if finite_numbers else {}
     try:
-        return json.loads(text, object_pairs_hook=_unique_keys, parse_constant=None if allow_nan else _no_constant)
+        return json.loads(
+            text, object_pairs_hook=_unique_keys, parse_constant=None if allow_nan else _no_constant, **numbers
+        )
+    except OverflowError:
+        raise ValueError("a number is out of range") from None
     except RecursionError:  # json_depth bounds this; kept as a last line of defence
         raise ValueError("nested too deeply") from None
     except ValueError as exc:  # JSONDecodeError, duplicate keys, constants, ints over 4300 digits
@@ -158,7 +179,7 @@ def parse_header(header_bytes: bytes, file_size: int, file: Path) -> list[Tensor
     bytes; return its tensors in header order. Raises :class:`CheckpointError` naming the problem."""
     where = file.name
     try:
-        header = load_json_bounded(header_bytes)
+        header = load_json_bounded(header_bytes, finite_numbers=True)
     except ValueError as exc:
         raise CheckpointError(f"{where}: corrupt safetensors header ({exc})") from None
     if not isinstance(header, dict):

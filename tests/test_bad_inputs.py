@@ -505,3 +505,16 @@ def test_output_path_that_is_a_file(tiny_checkpoint, tmp_path):
             export(tiny_checkpoint, out, force=force)
     assert out.read_text() == "not a directory"
     assert [p.name for p in tmp_path.iterdir()] == ["out"]  # no temp, old or lock files left
+
+
+def test_a_number_beyond_a_double_in_a_header_is_refused_as_the_safetensors_library_does(ckpt, tmp_path):
+    """Found by tools/fuzz.py: Python's json takes 10**400, the safetensors library (serde_json) refuses it."""
+    f = ckpt / "model.safetensors"
+    blob = f.read_bytes()
+    n = int.from_bytes(blob[:8], "little")
+    header = json.loads(blob[8 : 8 + n])
+    name = next(k for k in header if k != "__metadata__")
+    text = json.dumps(header).replace(f'"{name}": {{', f'"{name}": {{"extra": 1{"0" * 400}, ', 1).encode()
+    text += b" " * ((-len(text)) % 8)
+    f.write_bytes(len(text).to_bytes(8, "little") + text + blob[8 + n :])
+    export_fails(ckpt, tmp_path, CheckpointError, "out of range")

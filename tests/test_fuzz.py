@@ -23,7 +23,9 @@ def test_fuzz_target_has_no_crash_hang_or_read_outside(name):
 
 
 def test_every_registered_target_is_one_of_ours_or_new():
-    assert {"safetensors-header", "config-json", "stored-config", "shard-index", "manifest", "cli-flags"} <= set(TARGETS)
+    assert {"safetensors-header", "config-json", "stored-config", "shard-index", "manifest", "cli-flags"} <= set(
+        TARGETS
+    )
 
 
 def test_the_harness_reports_crashes_hangs_and_reads_outside(tmp_path):
