@@ -61,9 +61,7 @@ def _signing_key(directory: Path) -> tuple[Path, Path]:
     key = ed25519.Ed25519PrivateKey.generate()
     private = directory / "id_ed25519"
     private.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption()
-        )
+        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption())
     )
     public = key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
     trusted = directory / "trusted_keys"
