@@ -945,3 +945,25 @@ def test_a_public_address_needs_an_api_key_or_insecure(text_artifact):
         assert httpx.get(url + "/v1/models", headers={"authorization": "Bearer k"}, timeout=5).status_code == 200
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(30) == 0
+
+
+# -- tools/loadgen.py ------------------------------------------------------------------------------------------
+
+
+def test_loadgen_measures_what_the_server_served(text_model, capsys):
+    from moeport.tools import loadgen
+
+    assert loadgen.prompts(3, 40, 32, 7, 0, 256) == loadgen.prompts(3, 40, 32, 7, 0, 256)  # fixed seed
+    with serving(text_model) as server:
+        argv = ["--base-url", f"{server.url}/v1", "--concurrency", "4", "--requests", "8", "--prompt-tokens", "40"]
+        argv += ["--shared-prefix-tokens", "32", "--max-tokens", "10", "--token-range", "0:256", "--json"]
+        assert loadgen.main(argv) == 0
+        m = server.metrics()
+    out = json.loads(capsys.readouterr().out)
+    assert (out["requests"], out["failed"], out["output_tokens"]) == (8, 0, 80)
+    assert all(r["output_tokens"] == 10 and r["ttft_ms"] > 0 for r in out["per_request"])
+    assert out["decode_tokens_per_second"] > 0 and out["ttft_ms"]["p50"] <= out["ttft_ms"]["p99"]
+    assert m["moeport_generated_tokens_total"] == 80 + 10  # and the warm-up request
+    assert max(r["cached_tokens"] for r in out["per_request"]) == 32  # the shared prefix came from the cache
+    with pytest.raises(SystemExit):
+        loadgen.parse_args(["--base-url", "http://10.0.0.1:8000/v1"])
