@@ -6,9 +6,10 @@ reproducible and exactly ``--prompt-tokens`` long (the server needs no tokenizer
 ``--shared-prefix-tokens`` of them are the same in every request (a system prompt, to exercise a prefix
 cache). ``ignore_eos`` (an extension vLLM and moeport accept) makes every request generate ``--max-tokens``.
 
-Prints throughput (aggregate decode tokens/s, output tokens/s, requests/s) and time-to-first-token,
-inter-token latency and time-per-output-token percentiles; ``--json`` prints one object instead, with
-every request's figures. Only loopback addresses unless ``--allow-remote``::
+Prints throughput (aggregate decode tokens/s over the whole run and while all N streams decode at once,
+output tokens/s, requests/s) and time-to-first-token, inter-token latency and time-per-output-token
+percentiles; ``--json`` prints one object instead, with every request's figures. Only loopback addresses
+unless ``--allow-remote``::
 
     python -m moeport.tools.loadgen --base-url http://127.0.0.1:8000/v1 --concurrency 8 --requests 32
 """
@@ -142,11 +143,11 @@ def summarize(args: Any, model: str, results: list[RequestResult], duration: flo
     itl = [b - a for r in ok for a, b in itertools.pairwise(r.token_times) if b > a]
     tpot = [t for r in ok if (t := r.tpot) is not None]
     output = sum(r.output_tokens for r in ok)
-    # aggregate decode: every token after each request's first, over the span from the first first-token
-    # to the last token of the run
-    first = min((r.sent + r.ttft for r in ok if r.ttft is not None), default=0.0)
-    last = max((r.sent + r.done for r in ok), default=0.0)
     decoded = sum(len(r.token_times) - 1 for r in ok)
+    spans = [(r.sent + r.token_times[0], r.sent + r.token_times[-1]) for r in ok if len(r.token_times) > 1]
+    later = [r.sent + t for r in ok for t in r.token_times[1:]]  # every token after its request's first
+    decoding = busy_time(spans, 1)
+    full = busy_time(spans, args.concurrency)
 
     def ms(d: dict[str, float | None]) -> dict[str, float | None]:
         return {k: None if v is None else round(1000 * v, 2) for k, v in d.items()}
@@ -162,7 +163,11 @@ def summarize(args: Any, model: str, results: list[RequestResult], duration: flo
         "max_tokens": args.max_tokens,
         "duration_s": round(duration, 3),
         "output_tokens": output,
-        "decode_tokens_per_second": round(decoded / (last - first), 2) if last > first else None,
+        # every token after each request's first, over the time some request was decoding (stalls while
+        # others' prompts are prefilled included)
+        "decode_tokens_per_second": round(decoded / total(decoding), 2) if total(decoding) else None,
+        # the same while all `concurrency` streams were decoding at once (steady state)
+        "steady_decode_tokens_per_second": round(tokens_in(later, full) / total(full), 2) if total(full) else None,
         "output_tokens_per_second": round(output / duration, 2) if duration else None,
         "requests_per_second": round(len(ok) / duration, 3) if duration else None,
         "ttft_ms": ms(percentiles(ttft)),
@@ -183,6 +188,27 @@ def summarize(args: Any, model: str, results: list[RequestResult], duration: flo
     }
 
 
+def busy_time(spans: list[tuple[float, float]], at_least: int) -> list[tuple[float, float]]:
+    """The periods during which at least ``at_least`` of the (start, end) spans are open."""
+    edges = sorted([(a, 1) for a, _ in spans] + [(b, -1) for _, b in spans], key=lambda e: (e[0], -e[1]))
+    periods, open_, since = [], 0, 0.0
+    for t, step in edges:
+        if open_ < at_least <= open_ + step:
+            since = t
+        elif open_ >= at_least > open_ + step and t > since:
+            periods.append((since, t))
+        open_ += step
+    return periods
+
+
+def total(periods: list[tuple[float, float]]) -> float:
+    return sum(b - a for a, b in periods)
+
+
+def tokens_in(times: list[float], periods: list[tuple[float, float]]) -> int:
+    return sum(1 for t in times if any(a < t <= b for a, b in periods))
+
+
 def report(summary: dict[str, Any]) -> str:
     def row(name: str, d: dict[str, float | None]) -> str:
         return f"  {name:<22} " + "  ".join(f"{k} {v if v is not None else '-':>9}" for k, v in d.items())
@@ -193,7 +219,8 @@ def report(summary: dict[str, Any]) -> str:
         f"{s['concurrency']}, {s['prompt_tokens']} prompt tokens ({s['shared_prefix_tokens']} shared), "
         f"{s['max_tokens']} max tokens",
         f"  duration               {s['duration_s']} s",
-        f"  decode (aggregate)     {s['decode_tokens_per_second']} tok/s",
+        f"  decode (aggregate)     {s['decode_tokens_per_second']} tok/s; with all {s['concurrency']} streams "
+        f"decoding: {s['steady_decode_tokens_per_second']} tok/s",
         f"  output                 {s['output_tokens_per_second']} tok/s ({s['output_tokens']} tokens)",
         f"  requests               {s['requests_per_second']} /s",
         row("TTFT (ms)", s["ttft_ms"]),
