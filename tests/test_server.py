@@ -500,7 +500,8 @@ def test_completions_on_a_model_without_a_tokenizer_stream_token_ids(tiny_artifa
 
 def test_models_and_health(reasoner, reasoner_server):
     models = reasoner_server.client().models.list()
-    assert [m.id for m in models.data] == [reasoner_server.name == "tiny-reasoner" and "tiny-reasoner"]
+    assert reasoner_server.name == "tiny-reasoner"  # the artifact folder's name
+    assert [m.id for m in models.data] == ["tiny-reasoner"]
     assert models.data[0].owned_by == "moeport"
     health = httpx.get(reasoner_server.url + "/health", timeout=TIMEOUT)
     assert health.status_code == 200 and health.json()["status"] == "ok"
@@ -737,7 +738,7 @@ def test_a_client_that_goes_away_frees_its_slot(text_artifact, stream):
                 gone = time.monotonic()
                 queued = pool.submit(server.post, "/v1/completions", {"prompt": "b", "max_tokens": 2})
                 assert queued.result(TIMEOUT).status_code == 200
-        assert time.monotonic() - gone < 1.5
+        assert time.monotonic() - gone < 2.5  # the dropped request alone had >= 3.9 s to go
         m = server.metrics()
         assert m["moeport_requests_total{finish_reason=cancelled}"] == 1
         assert m["moeport_generated_tokens_total"] < 150  # the dropped request stopped early
@@ -927,11 +928,22 @@ def test_sigterm_past_the_shutdown_timeout_ends_the_stream_and_exits_0(text_arti
     assert "data: [DONE]" not in events and len(events) < 300
 
 
+def test_a_port_in_use_is_one_clear_error(text_artifact):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with serve_process([str(text_artifact), "--threads", "1"], port=port) as (proc, url):
+            assert proc.wait(60) == 1
+            err = proc.stderr.read()
+    assert f"Error: could not serve on 127.0.0.1:{port}" in err and "Traceback" not in err
+
+
 def test_a_public_address_needs_an_api_key_or_insecure(text_artifact):
     with serve_process([str(text_artifact), "--host", "0.0.0.0"]) as (proc, url):
         assert proc.wait(60) == 2
         err = proc.stderr.read()
-    assert "--host 0.0.0.0" in err and "--api-key" in err and "Traceback" not in err
+    assert err.count("\n") == 1 and err.startswith("Error: --host 0.0.0.0 is reachable") and "--api-key" in err
     with serve_process([str(text_artifact), "--host", "0.0.0.0", "--insecure", "--threads", "1"]) as (proc, url):
         wait_healthy(proc, url)
         proc.send_signal(signal.SIGTERM)
@@ -954,6 +966,8 @@ def test_loadgen_measures_what_the_server_served(text_model, capsys):
     from moeport.tools import loadgen
 
     assert loadgen.prompts(3, 40, 32, 7, 0, 256) == loadgen.prompts(3, 40, 32, 7, 0, 256)  # fixed seed
+    spans = [(0.0, 10.0), (2.0, 8.0), (5.0, 12.0)]
+    assert [loadgen.busy_time(spans, k) for k in (1, 2, 3, 4)] == [[(0, 12)], [(2, 10)], [(5, 8)], []]
     with serving(text_model) as server:
         argv = ["--base-url", f"{server.url}/v1", "--concurrency", "4", "--requests", "8", "--prompt-tokens", "40"]
         argv += ["--shared-prefix-tokens", "32", "--max-tokens", "10", "--token-range", "0:256", "--json"]
@@ -963,6 +977,7 @@ def test_loadgen_measures_what_the_server_served(text_model, capsys):
     assert (out["requests"], out["failed"], out["output_tokens"]) == (8, 0, 80)
     assert all(r["output_tokens"] == 10 and r["ttft_ms"] > 0 for r in out["per_request"])
     assert out["decode_tokens_per_second"] > 0 and out["ttft_ms"]["p50"] <= out["ttft_ms"]["p99"]
+    assert out["steady_decode_tokens_per_second"] is None or out["steady_decode_tokens_per_second"] > 0
     assert m["moeport_generated_tokens_total"] == 80 + 10  # and the warm-up request
     assert max(r["cached_tokens"] for r in out["per_request"]) == 32  # the shared prefix came from the cache
     with pytest.raises(SystemExit):
