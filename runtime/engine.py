@@ -1,11 +1,16 @@
 """The engine: one thread owns a model and runs every request in one continuous batch.
 
 Clients (the HTTP server's handlers, or plain threads) call :meth:`Engine.submit` from any thread; the
-request is checked at once (a bad one is refused before it is queued) and queued, bounded by
-``max_queue``. The engine thread admits queued requests between steps while the batch has room, runs
-one backend call per step for everything in flight (:class:`~moeport.runtime.generate.BatchGenerator`),
-and hands each request's new tokens and text to its ``on_event`` callback. Finished requests leave at
-once. The thread sleeps on a condition variable when there is nothing to do (no polling).
+request is checked at once (a bad one is refused before it is queued) and queued; at most ``max_queue``
+requests may wait for a batch slot (one that would start at once never counts as waiting). The engine
+thread admits queued requests between steps while the batch has room, runs one backend call per step for
+everything in flight (:class:`~moeport.runtime.generate.BatchGenerator`), and hands each request's new
+tokens and text to its ``on_event`` callback. Finished requests leave at once. The thread sleeps on a
+condition variable when there is nothing to do (no polling).
+
+Nothing a request does stops the loop: a request that fails (bad input found late, the model call, a
+broken consumer) ends alone, the prefix cache and the observer are best effort, and should the loop itself
+hit a bug, the requests in flight end with that error and the loop goes on.
 
 Prompts go through the automatic prefix cache (:mod:`moeport.runtime.prefix_cache`): the latent rows
 of the longest cached prefix are copied into the new session and only the rest is prefilled; after its
@@ -18,6 +23,7 @@ choice then feeds the last prompt token itself, so every choice samples from the
 from __future__ import annotations
 
 import itertools
+import logging
 import threading
 import time
 from collections import deque
@@ -30,7 +36,17 @@ from .prefix_cache import PrefixCache
 from .sampling import SamplingParams, TokenLogprob
 from .text import TextDelta
 
-__all__ = ["Engine", "EngineRequest", "ChoiceEvent", "EngineClosed", "QueueFull", "EngineObserver"]
+__all__ = [
+    "Engine",
+    "EngineRequest",
+    "ChoiceEvent",
+    "EngineClosed",
+    "QueueFull",
+    "InvalidRequest",
+    "EngineObserver",
+]
+
+log = logging.getLogger("moeport.engine")
 
 
 class EngineClosed(GenerationError):
@@ -41,6 +57,14 @@ class QueueFull(GenerationError):
     """Too many requests are waiting; try again later."""
 
 
+class InvalidRequest(GenerationError):
+    """A request that could never run; ``param`` names the culprit ("prompt", "n" or "max_tokens")."""
+
+    def __init__(self, message: str, param: str):
+        super().__init__(message)
+        self.param = param
+
+
 @dataclass
 class ChoiceEvent:
     """What one choice of a request produced in one step (delivered on the engine thread)."""
@@ -49,6 +73,7 @@ class ChoiceEvent:
     index: int
     deltas: list[TextDelta]  # new text, labelled "reasoning" or "content"
     tokens: list[int]  # new token ids
+    text: str  # the new text as generated (<think> tags included, stop strings not)
     logprobs: list[TokenLogprob]  # one per new token when the request asked for logprobs
     finish_reason: str | None = None  # set on the choice's last event
     error: RequestFailed | None = None
@@ -90,6 +115,7 @@ class EngineRequest:
     error: BaseException | None = None  # set if the request could not start at all
     _cancelled: bool = False
     _sent: list[int] = field(default_factory=list)  # tokens already delivered, per choice
+    _text_sent: list[int] = field(default_factory=list)  # text parts already delivered, per choice
     _closed: list[bool] = field(default_factory=list)  # finish delivered, per choice
     _last: list[float] = field(default_factory=list)  # when each choice last delivered tokens
     _done: threading.Event = field(default_factory=threading.Event)
@@ -156,32 +182,43 @@ class Engine:
     # -- client side (any thread) -------------------------------------------------------------------
     @property
     def queue_depth(self) -> int:
+        """Requests waiting for a batch slot."""
         return len(self._waiting)
 
     @property
     def running(self) -> int:
+        """Requests in the running batch."""
         return len(self._running)
 
+    @property
+    def alive(self) -> bool:
+        """Whether the engine thread runs and takes requests."""
+        return self._thread.is_alive() and not self._closing
+
     def check(self, prompt: Sequence[int], params: SamplingParams, n: int = 1) -> list[int]:
-        """Refuse a request that could never run (bad ids, a context that cannot hold it), before queueing."""
+        """Refuse a request that could never run (bad ids, a context that cannot hold it), before queueing:
+        raises :class:`InvalidRequest` naming the culprit."""
         if not 1 <= n <= self.max_batch:
-            raise GenerationError(f"n must be between 1 and {self.max_batch} (the batch size), got {n}")
-        ids = [int(t) for t in prompt] if not isinstance(prompt, str) else None
-        if ids is None:
-            raise GenerationError("the engine takes token ids; tokenize text first")
+            raise InvalidRequest(f"n must be between 1 and {self.max_batch} (the batch size), got {n}", "n")
+        if isinstance(prompt, str):
+            raise InvalidRequest("the engine takes token ids; tokenize text first", "prompt")
+        ids = [int(t) for t in prompt]
         if not ids:
-            raise GenerationError("empty prompt: at least one token is needed")
+            raise InvalidRequest("empty prompt: at least one token is needed", "prompt")
         vocab = self.model.vocab_size
         bad = next((t for t in ids if not 0 <= t < vocab), None)
         if bad is not None:
-            raise GenerationError(f"token id {bad} is out of the vocabulary (0..{vocab - 1})")
+            raise InvalidRequest(f"token id {bad} is out of the vocabulary (0..{vocab - 1})", "prompt")
         limit = self.model.max_seq_len
         if len(ids) >= limit:
-            raise GenerationError(f"the prompt has {len(ids)} tokens; the context holds {limit} (prompt + output)")
+            raise InvalidRequest(
+                f"the prompt has {len(ids)} tokens; the context holds {limit} (prompt + output)", "prompt"
+            )
         if params.on_context_limit == "error" and len(ids) + params.max_new_tokens > limit:
-            raise GenerationError(
+            raise InvalidRequest(
                 f"prompt ({len(ids)} tokens) + max_tokens ({params.max_new_tokens}) exceeds the context length "
-                f"{limit}; lower max_tokens"
+                f"{limit}; lower max_tokens",
+                "max_tokens",
             )
         return ids
 
@@ -193,18 +230,27 @@ class Engine:
         on_event: Callable[[ChoiceEvent], None] | None = None,
         in_reasoning: bool | None = None,
     ) -> EngineRequest:
-        """Queue a request (checked first: raises GenerationError, QueueFull, EngineClosed)."""
+        """Queue a request (checked first: raises InvalidRequest, QueueFull, EngineClosed). A request that
+        fits in the batch's free slots starts at the next step; one that has to wait for a slot is refused
+        with QueueFull when ``max_queue`` requests are already waiting."""
         ids = self.check(prompt, params, n)
         req = EngineRequest(ids, params, n, in_reasoning, on_event)
         req._engine = self  # type: ignore[attr-defined]
         with self._cv:
-            if self._closing:
+            if self._closing or not self._thread.is_alive():
                 raise EngineClosed("the server is shutting down")
-            if len(self._waiting) >= self.max_queue:
-                raise QueueFull(f"{len(self._waiting)} requests are already waiting (--max-queue {self.max_queue})")
+            if n > self._free_slots() and len(self._waiting) >= self.max_queue:
+                raise QueueFull(
+                    f"{len(self._waiting)} requests are already waiting for a batch slot (--max-queue {self.max_queue})"
+                )
             self._waiting.append(req)
             self._cv.notify()
         return req
+
+    def _free_slots(self) -> int:
+        """Batch slots not taken by a running choice or by a request waiting to start (under ``_cv``)."""
+        taken = sum(r.n for r in list(self._running) if not r.done) + sum(r.n for r in self._waiting)
+        return self.max_batch - taken
 
     def generate(self, prompt: Sequence[int], params: SamplingParams, n: int = 1) -> list[Completion]:
         """Submit and wait (for scripts and tests): the finished choices."""
@@ -243,16 +289,48 @@ class Engine:
                         self._cv.wait()
                     if self._closing and not self._waiting and not self._running:
                         return
-                self._cancel_requested()
-                self._admit()
-                if self._gen.busy:
-                    start = time.perf_counter()
-                    batch = len(self._gen.active) + min(len(self._gen.waiting), self.max_batch)
-                    self._gen.step()
-                    self.observer.step(batch, time.perf_counter() - start)
-                self._deliver()
+                try:
+                    self._iteration()
+                except Exception as exc:  # noqa: BLE001 - a bug here must not hang every client
+                    log.exception("engine step failed; ending the requests in flight")
+                    self._fail_running(exc)
         finally:
             self._stopped.set()
+            self._fail_everything(EngineClosed("the engine stopped"))
+
+    def _iteration(self) -> None:
+        self._cancel_requested()
+        self._admit()
+        if self._gen.busy:
+            start = time.perf_counter()
+            batch = len(self._gen.active) + min(len(self._gen.waiting), self.max_batch)
+            self._gen.step()
+            self._observe("step", batch, time.perf_counter() - start)
+        self._deliver()
+
+    def _fail_running(self, exc: BaseException) -> None:
+        """End every running choice with ``exc`` (delivered at the next ``_deliver``)."""
+        for r in self._running:
+            for c in r.choices:
+                if not c.done:
+                    c.fail(exc, "the engine failed: ")
+                self._gen.cancel(c)
+        try:
+            self._deliver()
+        except Exception:  # noqa: BLE001 - the last resort: close the requests without their events
+            log.exception("could not deliver the engine's failure")
+            for r in self._running:
+                r.error = r.error or RequestFailed(str(exc), exc)
+                r._done.set()
+            self._running = []
+
+    def _fail_everything(self, exc: BaseException) -> None:
+        with self._cv:
+            waiting, self._waiting = list(self._waiting), deque()
+        for r in waiting:
+            self._finish_unstarted(r, exc)
+        if self._running:
+            self._fail_running(exc)
 
     def _cancel_requested(self) -> None:
         with self._cv:
@@ -276,9 +354,9 @@ class Engine:
                 failure = (
                     error if isinstance(error, RequestFailed) or error is None else RequestFailed(str(error), error)
                 )
-                self._emit(ChoiceEvent(r, i, [], [], [], reason, failure))
+                self._emit(ChoiceEvent(r, i, [], [], "", [], reason, failure))
         r._done.set()
-        self.observer.finished(r)
+        self._observe("finished", r)
 
     def _admit(self) -> None:
         while True:
@@ -293,11 +371,14 @@ class Engine:
             try:
                 self._start(r)
             except Exception as exc:  # noqa: BLE001 - a request that cannot start fails alone
+                for c in r.choices:
+                    self._gen.cancel(c)
                 self._finish_unstarted(r, exc)
                 continue
             r.admitted_at = time.perf_counter()
-            self._running.append(r)
-            self.observer.admitted(r, r.admitted_at - r.created)
+            with self._cv:
+                self._running.append(r)
+            self._observe("admitted", r, r.admitted_at - r.created)
 
     def _start(self, r: EngineRequest) -> None:
         model, prompt = self.model, r.prompt
@@ -319,12 +400,21 @@ class Engine:
             if r.n > 1 and params.seed is not None:  # each choice its own reproducible stream
                 params = replace(params, seed=(params.seed + i) % 2**64)
             r.choices.append(self._gen.submit(s, feed, params, in_reasoning=r.in_reasoning))
-        r._sent, r._closed, r._last = [0] * r.n, [False] * r.n, [0.0] * r.n
+        r._sent, r._text_sent, r._closed, r._last = [0] * r.n, [0] * r.n, [False] * r.n, [0.0] * r.n
 
     def _remember(self, session: Any) -> None:
-        """Offer a session's rows to the prefix cache (called between steps: the rows are final)."""
-        views = session.cache.views()
-        self.prefix_cache.insert(session.tokens, views)
+        """Offer a session's rows to the prefix cache (called between steps: the rows are final). Best
+        effort: a failure costs later requests a cache hit, never this request its answer."""
+        try:
+            self.prefix_cache.insert(session.tokens, session.cache.views())
+        except Exception:  # noqa: BLE001
+            log.exception("prefix cache insert failed")
+
+    def _observe(self, hook: str, *args: Any) -> None:
+        try:
+            getattr(self.observer, hook)(*args)
+        except Exception:  # noqa: BLE001 - metrics must never cost a request
+            log.exception("engine observer %s failed", hook)
 
     def _deliver(self) -> None:
         now = time.perf_counter()
@@ -336,32 +426,36 @@ class Engine:
                 sent = r._sent[i]
                 new_tokens = c.tokens[sent:]
                 deltas = c.take_deltas()
+                parts = c.text_parts[r._text_sent[i] :]
+                r._text_sent[i] += len(parts)
                 if new_tokens and sent == 0:  # the prompt is in: share its rows
                     if r.first_token_at is None:
                         r.first_token_at = now
-                        self.observer.first_token(r, now - r.created)
+                        self._observe("first_token", r, now - r.created)
                     if r.n == 1:
                         self._remember(c.session)
                 elif new_tokens:
-                    self.observer.tokens(len(new_tokens), (now - r._last[i]) / len(new_tokens))
+                    self._observe("tokens", len(new_tokens), (now - r._last[i]) / len(new_tokens))
                 if new_tokens:
                     r._last[i] = now
                 logprobs = c.logprobs[sent : sent + len(new_tokens)] if c.params.logprobs is not None else []
                 r._sent[i] = sent + len(new_tokens)
+                text = "".join(parts)
                 if c.done:
                     r._closed[i] = True
-                    self._emit(ChoiceEvent(r, i, deltas, new_tokens, logprobs, c.finish_reason, c.error))
+                    self._emit(ChoiceEvent(r, i, deltas, new_tokens, text, logprobs, c.finish_reason, c.error))
                     if c.error is None:
                         self._remember(c.session)
                 elif new_tokens or deltas:
-                    self._emit(ChoiceEvent(r, i, deltas, new_tokens, logprobs))
+                    self._emit(ChoiceEvent(r, i, deltas, new_tokens, text, logprobs))
             if all(r._closed):
                 r.finished_at = now
                 r._done.set()
-                self.observer.finished(r)
+                self._observe("finished", r)
             else:
                 still.append(r)
-        self._running = still
+        with self._cv:
+            self._running = still
 
     def _emit(self, event: ChoiceEvent) -> None:
         callback = event.request.on_event

@@ -764,10 +764,13 @@ def serve_cmd(
         raise click.ClickException(
             f"moeport serve needs the serve extra: pip install 'moeport[serve]' ({exc})"
         ) from exc
-    if not is_loopback(host) and not api_key and not insecure:
-        raise click.UsageError(
-            f"--host {host} is reachable from other machines: give --api-key (or MOEPORT_API_KEY), or --insecure"
+    if not is_loopback(host) and not api_key and not insecure:  # one line, exit 2 (a misused flag)
+        click.echo(
+            f"Error: --host {host} is reachable from other machines: give --api-key (or MOEPORT_API_KEY), or "
+            "--insecure",
+            err=True,
         )
+        raise click.exceptions.Exit(2)
     model = load(artifact_dir, backend=backend, **backend_options_with(backend_options, threads, trust_compiled))
     name = served_model_name or Path(artifact_dir).resolve().name
     click.echo(

@@ -44,9 +44,12 @@ def serve(
     log_level: str = "info",
     ready: Any = None,
 ) -> None:
-    """Serve ``model`` until SIGTERM/SIGINT: then stop accepting, let requests in flight finish (those
-    still running after ``shutdown_timeout`` seconds are cancelled) and return."""
+    """Serve ``model`` until SIGTERM/SIGINT: then stop accepting (the listening socket closes; a request on a
+    connection still open gets 503), let requests in flight finish, streams included (those still running
+    after ``shutdown_timeout`` seconds are cancelled) and return normally. ``ready(server)`` is called with
+    the uvicorn server once it listens (tests use it to find the port of ``port=0``)."""
     import uvicorn
+    from sse_starlette.sse import AppStatus
 
     from ..engine import Engine
     from .metrics import Metrics
@@ -56,6 +59,9 @@ def serve(
             f"--host {host} is reachable from other machines: give --api-key (or MOEPORT_API_KEY), or pass "
             "--insecure to serve without one"
         )
+    # sse-starlette (>= 3.2) would end every open stream as soon as uvicorn is told to exit; the drain is ours
+    # (uvicorn waits up to shutdown_timeout for responses in flight, then cancels them).
+    AppStatus.disable_automatic_graceful_drain()
     metrics = Metrics()
     engine = Engine(model, max_batch=max_batch, max_queue=max_queue, prefix_cache_mb=prefix_cache_mb, observer=metrics)
     metrics.bind(engine)
@@ -75,6 +81,9 @@ def serve(
         def handle_exit(self, sig: int, frame: Any) -> None:
             state.closing = True  # /health says so and new requests get 503 while the rest finish
             super().handle_exit(sig, frame)
+            # uvicorn raises the signal again once it has stopped, which kills the process with it: a
+            # graceful stop is a normal exit (status 0) here
+            self._captured_signals.clear()
 
         async def startup(self, sockets: Any = None) -> None:
             await super().startup(sockets)
@@ -84,6 +93,8 @@ def serve(
     server = _Server(config)
     try:
         server.run()
+    except SystemExit as exc:  # uvicorn exits when it cannot listen; it has logged why
+        raise ServeError(f"could not serve on {host}:{port} (is the port in use?)") from exc
     finally:
         state.closing = True
         engine.close(timeout=0 if server.should_exit and server.force_exit else shutdown_timeout)

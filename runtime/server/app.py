@@ -3,8 +3,12 @@
 Endpoints: ``POST /v1/chat/completions``, ``POST /v1/completions``, ``GET /v1/models``, ``GET /health``,
 ``GET /metrics``. Chat answers carry DeepSeek's split: the reasoning in ``reasoning_content`` (in
 messages and in stream deltas), the answer in ``content``. Every error is OpenAI's error object with a
-status: 400 bad input, 401 bad API key, 404 unknown model, 413 body too large, 429 queue full (with
-``Retry-After``), 503 shutting down, 500 a request that failed inside the model (only that request).
+status: 400 bad input, 401 bad API key, 404 unknown model or route, 405 wrong method, 413 body too large,
+429 queue full (with ``Retry-After``), 503 shutting down, 500 a request that failed inside the model (only
+that request).
+
+Extension (vLLM's): ``return_token_ids: true`` adds each choice's generated ``token_ids`` (in stream
+chunks too), e.g. for models without a tokenizer, whose completions have no text.
 """
 
 from __future__ import annotations
@@ -24,8 +28,10 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, ValidationError
 from sse_starlette.sse import EventSourceResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Receive, Scope, Send
 
-from ..engine import ChoiceEvent, Engine, EngineClosed, EngineRequest, QueueFull
+from ..engine import ChoiceEvent, Engine, EngineClosed, EngineRequest, InvalidRequest, QueueFull
 from ..generate import GenerationError
 from ..sampling import SamplingError, SamplingParams, TokenLogprob
 from ..text import TextError
@@ -36,6 +42,7 @@ log = logging.getLogger("moeport.server")
 
 MAX_BODY_BYTES = 16 << 20
 FINISH = {"eos": "stop", "stop": "stop", "length": "length", "context": "length", "cancelled": "abort"}
+_STATUS_TYPES = {401: "authentication_error", 404: "not_found_error", 405: "invalid_request_error"}
 
 
 class ApiError(Exception):
@@ -58,29 +65,41 @@ class ServerState:
     created: int = field(default_factory=lambda: int(time.time()))
 
 
+class ApiKeyMiddleware:
+    """``Authorization: Bearer KEY`` on /v1 (a plain ASGI middleware: it leaves streaming bodies and
+    client-disconnect messages untouched, unlike Starlette's BaseHTTPMiddleware)."""
+
+    def __init__(self, app: ASGIApp, key: str):
+        self.app, self.key = app, key.encode()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["path"].startswith("/v1"):
+            header = dict(scope["headers"]).get(b"authorization", b"")
+            given = header[7:] if header[:7].lower() == b"bearer " else b""
+            if not hmac.compare_digest(given, self.key):
+                error = ApiError(401, "invalid or missing API key (Authorization: Bearer KEY)", code="invalid_api_key")
+                await error.response()(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
 def create_app(state: ServerState) -> FastAPI:
     """The ASGI app serving ``state.engine`` under the model name ``state.name``."""
-    app = FastAPI(title="moeport", version="1", docs_url=None, redoc_url=None)
+    app = FastAPI(title="moeport", version="1", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.moeport = state
-
-    @app.middleware("http")
-    async def guard(request: Request, call_next):
-        if request.url.path.startswith("/v1") and state.api_key is not None:
-            header = request.headers.get("authorization", "")
-            given = header[7:] if header.lower().startswith("bearer ") else ""
-            if not hmac.compare_digest(given.encode(), state.api_key.encode()):
-                return ApiError(
-                    401, "invalid or missing API key (Authorization: Bearer KEY)", code="invalid_api_key"
-                ).response()
-        try:
-            return await call_next(request)
-        except ApiError as exc:
-            return exc.response()
+    if state.api_key is not None:
+        app.add_middleware(ApiKeyMiddleware, key=state.api_key)
 
     @app.exception_handler(ApiError)
     async def api_error(_: Request, exc: ApiError):
         headers = {"Retry-After": "1"} if exc.status == 429 else None
         return exc.response(headers)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException):
+        message = f"{request.method} {request.url.path}: {exc.detail}"
+        error = ApiError(exc.status_code, message, _STATUS_TYPES.get(exc.status_code, "invalid_request_error"))
+        return error.response(dict(exc.headers) if exc.headers else None)
 
     @app.exception_handler(Exception)
     async def internal(_: Request, exc: Exception):
@@ -89,8 +108,8 @@ def create_app(state: ServerState) -> FastAPI:
 
     @app.get("/health")
     async def health():
-        if state.closing:
-            return JSONResponse({"status": "shutting down"}, 503)
+        if state.closing or not state.engine.alive:
+            return JSONResponse({"status": "shutting down" if state.closing else "engine stopped"}, 503)
         return {"status": "ok"}
 
     @app.get("/metrics")
@@ -114,11 +133,12 @@ def create_app(state: ServerState) -> FastAPI:
     async def chat(request: Request):
         body = await _parse(request, ChatCompletionRequest)
         _check_model(state, body.model)
+        _refuse_unsupported(body)
+        if body.top_logprobs is not None and not body.logprobs:
+            raise ApiError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
         ids = _chat_prompt(state.model, body)
         max_tokens = body.max_completion_tokens or body.max_tokens
         logprobs = (body.top_logprobs or 0) if body.logprobs else None
-        if body.top_logprobs is not None and not body.logprobs:
-            raise ApiError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
         params = _params(state, body, len(ids), max_tokens, logprobs)
         return await _run(request, state, "chat", body, ids, params)
 
@@ -142,28 +162,122 @@ async def _parse(request: Request, kind: type[BaseModel]) -> Any:
     length = request.headers.get("content-length")
     if length is not None and length.isdigit() and int(length) > MAX_BODY_BYTES:
         raise ApiError(413, f"request body larger than {MAX_BODY_BYTES >> 20} MiB")
-    raw = await request.body()
-    if len(raw) > MAX_BODY_BYTES:
-        raise ApiError(413, f"request body larger than {MAX_BODY_BYTES >> 20} MiB")
+    chunks, size = [], 0
+    async for chunk in request.stream():  # counted as it comes: a chunked body has no content-length
+        size += len(chunk)
+        if size > MAX_BODY_BYTES:
+            raise ApiError(413, f"request body larger than {MAX_BODY_BYTES >> 20} MiB")
+        chunks.append(chunk)
     try:
-        data = json.loads(raw)
+        data = json.loads(b"".join(chunks))
     except (ValueError, RecursionError) as exc:
-        raise ApiError(400, f"the body is not valid JSON ({str(exc)[:200]})") from None
+        raise ApiError(400, f"the body is not valid JSON ({' '.join(str(exc).split())[:200]})") from None
     if not isinstance(data, dict):
         raise ApiError(400, "the body must be a JSON object")
     try:
         return kind.model_validate(data)
     except ValidationError as exc:
-        first = exc.errors()[0]
-        param = ".".join(str(p) for p in first.get("loc", ())) or None
-        raise ApiError(400, f"{param}: {first.get('msg')}" if param else str(first.get("msg")), param=param) from None
+        raise _invalid(exc, data) from None
+    except RecursionError:
+        raise ApiError(400, "the body is nested too deeply") from None
+
+
+_MEMBERS = {
+    "str": "a string",
+    "int": "an integer",
+    "float": "a number",
+    "bool": "a boolean",
+    "list[str]": "an array of strings",
+    "list[int]": "an array of integers",
+    "list[ContentPart]": "an array of content parts",
+    "dict[str,any]": "an object",
+}
+
+
+def _json_kind(value: Any) -> str:
+    if isinstance(value, bool):
+        return "a boolean"
+    for kind, name in ((dict, "an object"), (list, "an array"), (str, "a string"), (int, "an integer")):
+        if isinstance(value, kind):
+            return name
+    return "a number" if isinstance(value, float) else "null"
+
+
+def _walk(data: Any, loc: tuple, missing: bool) -> tuple[list, int | None, str | None]:
+    """A pydantic error location as a path into the body as sent. Pydantic also puts the name of the union
+    member it tried into the location (``temperature.int``): returns (path, how many path elements precede
+    that name, the name), or (path, None, None) outside unions."""
+    path: list = []
+    node, at, member = data, None, None
+    for i, part in enumerate(loc):
+        if isinstance(node, dict) and isinstance(part, str) and part in node:
+            node = node[part]
+        elif isinstance(node, list) and isinstance(part, int) and 0 <= part < len(node):
+            node = node[part]
+        elif not (missing and i == len(loc) - 1):  # (else: the missing field itself)
+            if member is None:
+                at, member = len(path), str(part)
+            continue
+        path.append(part)
+    return path, at, member
+
+
+def _value_at(data: Any, path: list) -> Any:
+    for part in path:
+        data = data[part]
+    return data
+
+
+def _invalid(exc: ValidationError, data: dict) -> ApiError:
+    """One line naming the field as the client sent it: ``temperature: expected a number, got a string``."""
+    errors = exc.errors(include_url=False)
+    first = errors[0]
+    missing = first["type"] == "missing"
+    path, at, member = _walk(data, first["loc"], missing)
+    if member is None or at is None:
+        param = ".".join(str(p) for p in path) or None
+        value = None if missing else _value_at(data, path)
+        got = "" if missing or isinstance(value, (dict, list)) else f" (got {json.dumps(value)[:60]})"
+        return ApiError(400, f"{param}: {first['msg']}{got}" if param else first["msg"], param=param)
+    field_path = path[:at]
+    param = ".".join(str(p) for p in field_path) or None
+    expected: list[str] = []
+    for e in errors:  # every member of the union tried at this field
+        p, a, m = _walk(data, e["loc"], e["type"] == "missing")
+        if m is not None and a == at and p[:a] == field_path:
+            name = _MEMBERS.get(m, m)
+            if name not in expected:
+                expected.append(name)
+    got = _json_kind(_value_at(data, field_path))
+    return ApiError(400, f"{param}: expected {' or '.join(expected)}, got {got}", param=param)
 
 
 def _check_model(state: ServerState, name: str | None) -> None:
     if name is not None and name != state.name:
         raise ApiError(
-            404, f"the model {name!r} does not exist (this server has {state.name!r})", code="model_not_found"
+            404,
+            f"the model {name!r} does not exist (this server has {state.name!r})",
+            param="model",
+            code="model_not_found",
         )
+
+
+def _refuse_unsupported(body: ChatCompletionRequest) -> None:
+    """Structured output is not supported yet: say so rather than answer without the asked-for shape."""
+    fmt = body.response_format
+    if fmt is not None and fmt.get("type", "text") != "text":
+        raise ApiError(400, f"response_format {fmt.get('type')!r} is not supported yet", param="response_format")
+    if body.tools and body.tool_choice != "none":
+        raise ApiError(400, "tools (function calling) are not supported yet", param="tools")
+
+
+def _check_text(text: str, param: str) -> str:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        message = f"{param}: not valid Unicode ({exc.reason} at character {exc.start})"
+        raise ApiError(400, message, param=param) from None
+    return text
 
 
 def _chat_prompt(model: Any, body: ChatCompletionRequest) -> list[int]:
@@ -171,10 +285,13 @@ def _chat_prompt(model: Any, body: ChatCompletionRequest) -> list[int]:
         raise ApiError(400, "this model has no tokenizer: use /v1/completions with token ids")
     messages = []
     for i, m in enumerate(body.messages):
+        where = f"messages.{i}.content"
+        if m.content is None and m.role != "assistant":
+            raise ApiError(400, f"{where}: a {m.role} message needs content", param=where)
         try:
-            text = m.text()
+            text = _check_text(m.text(), f"messages.{i}.content")
         except ValueError as exc:
-            raise ApiError(400, str(exc), param=f"messages.{i}.content") from None
+            raise ApiError(400, f"messages.{i}.content: {exc}", param=f"messages.{i}.content") from None
         if m.role == "assistant" and "</think>" in text:  # DeepSeek: earlier reasoning is not sent back
             text = text.split("</think>")[-1].lstrip()
         role = "system" if m.role == "developer" else m.role
@@ -197,7 +314,7 @@ def _completion_prompt(model: Any, prompt: str | list) -> list[int]:
         if tok is None:
             raise ApiError(400, "this model has no tokenizer: give the prompt as token ids", param="prompt")
         has_bos = bool(tok.bos_token) and prompt.startswith(tok.bos_token)
-        return tok.encode(prompt, add_special_tokens=not has_bos)
+        return tok.encode(_check_text(prompt, "prompt"), add_special_tokens=not has_bos)
     return list(prompt)
 
 
@@ -245,10 +362,20 @@ class _Choice:
     reasoning: list[str] = field(default_factory=list)
     content: list[str] = field(default_factory=list)
     text: list[str] = field(default_factory=list)
-    tokens: int = 0
+    tokens: list[int] = field(default_factory=list)
     logprobs: list[TokenLogprob] = field(default_factory=list)
     finish: str | None = None
     error: Exception | None = None
+
+
+async def _cancel_on_disconnect(request: Request, handle: EngineRequest) -> None:
+    """Cancel ``handle`` when the client goes away (a non-streamed request: nothing is sent until the end,
+    so only the connection tells). After the body, the server's next message is the disconnect."""
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            handle.cancel()
+            return
 
 
 async def _run(request: Request, state: ServerState, kind: str, body: Any, ids: list[int], params: SamplingParams):
@@ -261,38 +388,42 @@ async def _run(request: Request, state: ServerState, kind: str, body: Any, ids: 
         raise ApiError(429, f"server busy: {exc}", "rate_limit_exceeded") from None
     except EngineClosed as exc:
         raise ApiError(503, str(exc), "service_unavailable") from None
+    except InvalidRequest as exc:
+        param = "messages" if exc.param == "prompt" and kind == "chat" else exc.param
+        raise ApiError(400, str(exc), param=param) from None
     except GenerationError as exc:
         raise ApiError(400, str(exc)) from None
     rid = ("chatcmpl-" if kind == "chat" else "cmpl-") + uuid.uuid4().hex
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         return EventSourceResponse(
-            _stream(state, kind, rid, handle, bridge, include_usage), ping=15, send_timeout=60, sep="\n"
+            _stream(state, kind, rid, handle, bridge, include_usage, body.return_token_ids),
+            ping=15,
+            send_timeout=60,
+            sep="\n",
         )
     choices = [_Choice() for _ in range(body.n)]
+    watcher = asyncio.create_task(_cancel_on_disconnect(request, handle))
     try:
         while not all(c.finish is not None for c in choices):
-            try:
-                event = await asyncio.wait_for(bridge.queue.get(), timeout=1.0)
-            except TimeoutError:
-                if await request.is_disconnected():  # the client gave up: free its batch slot
-                    handle.cancel()
-                    return Response(status_code=499)
-                continue
-            _absorb(choices[event.index], event)
+            _absorb(choices[(event := await bridge.queue.get()).index], event)
     finally:
+        watcher.cancel()
         if not handle.done:
             handle.cancel()
+    if watcher.done() and not watcher.cancelled():  # the client is gone: nobody reads an answer
+        return Response(status_code=499)
     failed = next((c.error for c in choices if c.error is not None), None)
     if failed is not None:
         raise ApiError(500, f"the model failed on this request: {failed}", "internal_error")
-    return _response(state, kind, rid, handle, choices)
+    return _response(state, kind, rid, handle, choices, body.return_token_ids)
 
 
 def _absorb(c: _Choice, event: ChoiceEvent) -> None:
     for d in event.deltas:
         (c.reasoning if d.part == "reasoning" else c.content).append(d.text)
-    c.tokens += len(event.tokens)
+    c.text.append(event.text)
+    c.tokens.extend(event.tokens)
     c.logprobs.extend(event.logprobs)
     if event.finish_reason is not None:
         c.finish = FINISH.get(event.finish_reason, event.finish_reason)
@@ -335,15 +466,13 @@ def _completion_logprobs(model: Any, items: list[TokenLogprob]) -> dict[str, Any
     }
 
 
-def _text_of(handle: EngineRequest, index: int) -> str:
-    return "".join(handle.choices[index].text_parts)
-
-
-def _response(state: ServerState, kind: str, rid: str, handle: EngineRequest, choices: list[_Choice]) -> dict:
+def _response(
+    state: ServerState, kind: str, rid: str, handle: EngineRequest, choices: list[_Choice], token_ids: bool
+) -> dict:
     model = state.model
+    want_logprobs = handle.params.logprobs is not None
     out = []
     for i, c in enumerate(choices):
-        want_logprobs = handle.params.logprobs is not None
         if kind == "chat":
             reasoning = "".join(c.reasoning).strip()
             message = {
@@ -352,11 +481,14 @@ def _response(state: ServerState, kind: str, rid: str, handle: EngineRequest, ch
                 "reasoning_content": reasoning or None,
             }
             logprobs = _chat_logprobs(model, c.logprobs) if want_logprobs else None
-            out.append({"index": i, "message": message, "logprobs": logprobs, "finish_reason": c.finish})
+            choice = {"index": i, "message": message, "logprobs": logprobs, "finish_reason": c.finish}
         else:
             logprobs = _completion_logprobs(model, c.logprobs) if want_logprobs else None
-            out.append({"index": i, "text": _text_of(handle, i), "logprobs": logprobs, "finish_reason": c.finish})
-    return {
+            choice = {"index": i, "text": "".join(c.text), "logprobs": logprobs, "finish_reason": c.finish}
+        if token_ids:
+            choice["token_ids"] = c.tokens
+        out.append(choice)
+    doc = {
         "id": rid,
         "object": "chat.completion" if kind == "chat" else "text_completion",
         "created": int(time.time()),
@@ -364,20 +496,29 @@ def _response(state: ServerState, kind: str, rid: str, handle: EngineRequest, ch
         "choices": out,
         "usage": _usage(handle),
     }
+    if token_ids:
+        doc["prompt_token_ids"] = handle.prompt
+    return doc
 
 
 async def _stream(
-    state: ServerState, kind: str, rid: str, handle: EngineRequest, bridge: _Bridge, include_usage: bool
+    state: ServerState,
+    kind: str,
+    rid: str,
+    handle: EngineRequest,
+    bridge: _Bridge,
+    include_usage: bool,
+    token_ids: bool,
 ) -> AsyncIterator[dict[str, str]]:
     created, model = int(time.time()), state.model
     obj = "chat.completion.chunk" if kind == "chat" else "text_completion"
     usage_field = {"usage": None} if include_usage else {}
     open_choices = set(range(handle.n))
-    sent_text = [0] * handle.n
+    want_logprobs = handle.params.logprobs is not None
 
     def chunk(choices: list[dict[str, Any]], **extra: Any) -> dict[str, str]:
         doc = {"id": rid, "object": obj, "created": created, "model": state.name, "choices": choices, **extra}
-        return {"data": json.dumps(doc, ensure_ascii=False)}
+        return {"data": json.dumps(doc, ensure_ascii=False, separators=(",", ":"))}
 
     try:
         if kind == "chat":
@@ -386,31 +527,31 @@ async def _stream(
                 yield chunk([{**opening, "finish_reason": None}], **usage_field)
         while open_choices:
             event = await bridge.queue.get()
-            want_logprobs = handle.params.logprobs is not None and event.logprobs
             if event.error is not None:
                 open_choices.discard(event.index)
                 err = error_body(f"the model failed on this request: {event.error}", "internal_error")
                 yield {"data": json.dumps(err)}
                 continue
             finish = FINISH.get(event.finish_reason, event.finish_reason) if event.finish_reason else None
+            lp = None
             if kind == "chat":
                 delta: dict[str, Any] = {}
                 for d in event.deltas:
                     key = "reasoning_content" if d.part == "reasoning" else "content"
                     delta[key] = delta.get(key, "") + d.text
-                lp = _chat_logprobs(model, event.logprobs) if want_logprobs else None
-                if delta or lp or finish:
-                    yield chunk(
-                        [{"index": event.index, "delta": delta, "logprobs": lp, "finish_reason": finish}], **usage_field
-                    )
-            else:
-                full = _text_of(handle, event.index)
-                text, sent_text[event.index] = full[sent_text[event.index] :], len(full)
-                lp = _completion_logprobs(model, event.logprobs) if want_logprobs else None
-                if text or lp or finish:
-                    yield chunk(
-                        [{"index": event.index, "text": text, "logprobs": lp, "finish_reason": finish}], **usage_field
-                    )
+                if want_logprobs and event.logprobs:
+                    lp = _chat_logprobs(model, event.logprobs)
+                choice = {"index": event.index, "delta": delta, "logprobs": lp, "finish_reason": finish}
+                send = bool(delta or lp or finish or (token_ids and event.tokens))
+            else:  # one chunk per step that made tokens, even without text (no tokenizer, a held-back stop)
+                if want_logprobs and event.logprobs:
+                    lp = _completion_logprobs(model, event.logprobs)
+                choice = {"index": event.index, "text": event.text, "logprobs": lp, "finish_reason": finish}
+                send = bool(event.text or event.tokens or finish)
+            if token_ids:
+                choice["token_ids"] = event.tokens
+            if send:
+                yield chunk([choice], **usage_field)
             if finish is not None:
                 open_choices.discard(event.index)
         if include_usage:

@@ -1,5 +1,8 @@
 """OpenAI's request shapes, checked strictly (a known field of the wrong type is a 400 naming it);
-fields moeport does not know are accepted and ignored, as OpenAI's own SDKs send many."""
+fields moeport does not know are accepted and ignored, as OpenAI's own SDKs send many.
+
+``response_format`` (other than ``text``) and ``tools`` are parsed but refused by the app with a 400 until
+structured output lands; ``return_token_ids`` is vLLM's extension (the generated ids in each choice)."""
 
 from __future__ import annotations
 
@@ -45,7 +48,7 @@ class Message(_Lenient):
         return "".join(parts)
 
 
-Number = StrictInt | StrictFloat
+Number = StrictFloat  # strict: an int is a number too, a bool or a string is not
 
 
 class _Sampling(_Lenient):
@@ -64,6 +67,7 @@ class _Sampling(_Lenient):
     stream: StrictBool = False
     stream_options: StreamOptions | None = None
     ignore_eos: StrictBool = False
+    return_token_ids: StrictBool = False
 
     @field_validator("stop")
     @classmethod
