@@ -375,9 +375,18 @@ class Session:
         return self.prefill([token_id])
 
     # -- generation ---------------------------------------------------------------------------
-    def request(self, prompt: Sequence[int] | str, params: SamplingParams | None = None, **overrides: Any) -> Request:
+    def request(
+        self,
+        prompt: Sequence[int] | str,
+        params: SamplingParams | None = None,
+        *,
+        response_format: Any = None,
+        **overrides: Any,
+    ) -> Request:
         """A generation request on this session (text prompts are tokenized; a prompt that ends in
-        ``<think>`` starts the output in the reasoning part)."""
+        ``<think>`` starts the output in the reasoning part). ``response_format`` constrains the answer
+        (after any reasoning) to a JSON schema, a regex or a grammar (runtime/constraints.py); a bad one
+        raises :class:`~moeport.runtime.constraints.ConstraintError` here, before anything runs."""
         params = self.model.sampling_params(params, **overrides)
         tok = self.model.tokenizer
         if isinstance(prompt, str):
@@ -393,13 +402,18 @@ class Session:
                 in_reasoning = tok.decode(list(prompt[-4:]), skip_special_tokens=False).rstrip().endswith("<think>")
             except (TypeError, ValueError, OverflowError):
                 pass  # ids the tokenizer cannot decode: Request reports them
-        return Request(self, prompt, params, in_reasoning=in_reasoning)
+        constraint = None
+        if response_format is not None:
+            from .constraints import compiler_for
+
+            constraint = compiler_for(self.model).start(response_format, in_reasoning)
+        return Request(self, prompt, params, in_reasoning=in_reasoning, constraint=constraint)
 
     def generate(
         self, prompt: Sequence[int] | str, params: SamplingParams | None = None, **overrides: Any
     ) -> Completion:
         """Generate from ``prompt`` (ids or text) with ``params`` / keyword overrides (``max_new_tokens``,
-        ``temperature``, ``top_p``, ``seed``, ``stop``, ``ignore_eos``, ...)."""
+        ``temperature``, ``top_p``, ``seed``, ``stop``, ``ignore_eos``, ``response_format``, ...)."""
         gen = BatchGenerator(self.model, 1)
         req = gen.submit(self, prompt, params, **overrides)
         try:
