@@ -22,6 +22,7 @@ Response formats (OpenAI's shapes, plus two of llguidance's):
 from __future__ import annotations
 
 import json
+import re
 import threading
 import time
 import weakref
@@ -151,9 +152,28 @@ def grammar_spec(response_format: Any) -> GrammarSpec | None:
     )
 
 
-def _first_line(message: str) -> str:
-    lines = [x.strip() for x in message.strip().splitlines() if x.strip()]
-    return lines[0] if lines else "unknown error"
+def _engine_message(message: str, limit: int = 300) -> str:
+    """llguidance's error as one line: without its parser-state dump, caret lines and source echo."""
+    for cut in ("<state>", "<grammar>"):
+        message = message.split(cut, 1)[0]
+    keep = [
+        x.strip()
+        for x in message.splitlines()
+        if x.strip() and set(x.strip()) - set("^ ") and not re.match(r"^\s*\d+\s*\|", x)
+    ]
+    text = " ".join(keep) or "unknown error"
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def check_response_format(response_format: Any) -> GrammarSpec | None:
+    """:func:`grammar_spec` plus a compile check without a tokenizer: every error a schema, regex or
+    grammar can have on its own, found before a model is loaded (as the CLI does)."""
+    spec = grammar_spec(response_format)
+    if spec is not None:
+        is_error, messages = _llguidance().LLMatcher.validate_grammar_with_warnings(spec.grammar)
+        if is_error:
+            raise ConstraintError(f"{spec.what} cannot be compiled: {_engine_message(messages[0])}")
+    return spec
 
 
 def _engine_tokenizer(tokenizer_json: str, vocab_size: int, eos_ids: Sequence[int]):
@@ -291,7 +311,7 @@ class CompiledConstraint:
         if not self._template.is_error():  # the first mask finds what only the lexer sees (too complex, ...)
             self._template.compute_bitmask()
         if self._template.is_error():
-            raise ConstraintError(f"{spec.what} cannot be compiled: {_first_line(self._template.get_error())}")
+            raise ConstraintError(f"{spec.what} cannot be compiled: {_engine_message(self._template.get_error())}")
         self._lock = threading.Lock()
 
     def start(self, in_reasoning: bool = False) -> TokenConstraint:
@@ -346,7 +366,7 @@ class TokenConstraint:
             self._fill()
         self._mask_current = True
         if self.matcher.is_error():
-            raise ConstraintError(f"the grammar failed: {_first_line(self.matcher.get_error())}")
+            raise ConstraintError(f"the grammar failed: {_engine_message(self.matcher.get_error())}")
         ok = np.unpackbits(self._mask.view(np.uint8), count=self.vocab_size, bitorder="little").view(bool)
         if self.phase == "start" and self.compiler.think_open is not None and self.compiler.think_close is not None:
             ok[self.compiler.think_open] = True
@@ -380,7 +400,7 @@ class TokenConstraint:
                 return False
             self._leading_whitespace = 0
         if not self.matcher.consume_token(token):
-            raise ConstraintError(f"the grammar refused token {token}: {_first_line(self.matcher.get_error())}")
+            raise ConstraintError(f"the grammar refused token {token}: {_engine_message(self.matcher.get_error())}")
         if self.matcher.is_stopped():
             self.phase = "done"
             return True
