@@ -9,9 +9,11 @@ where the grammar may end.
 
 Reasoning stays free: while the output is inside ``<think>...</think>`` nothing is masked, and a
 model whose first token opens ``<think>`` may do so (when the tokenizer has ``<think>``/``</think>``
-as single tokens). The mask for the next step is computed in a worker thread right after a token is
-accepted, while the model runs the next step (llguidance releases the GIL while it computes, as ONNX
-Runtime does while it runs).
+as single tokens). A mask costs tens of microseconds (docs/structured-output.md), so by default it is
+computed when the logits arrive; ``ConstraintCompiler.overlap`` computes it instead in a worker thread
+right after a token is accepted, while the model runs the next step (llguidance releases the GIL while
+it computes, as ONNX Runtime does while it runs): a gain only where a core is idle during the model
+step, a loss on a machine whose cores the model's threads fill (measured there).
 
 Response formats (OpenAI's shapes, plus two of llguidance's):
 ``{"type": "json_object"}``, ``{"type": "json_schema", "json_schema": {"name", "schema", "strict"}}``,
@@ -228,8 +230,9 @@ def _worker() -> ThreadPoolExecutor:
 class ConstraintCompiler:
     """Compiles response formats for one tokenizer and keeps the last ``cache_size`` compiled (LRU).
 
-    ``overlap``: compute each request's next mask in a worker thread while the model runs (default),
-    or inline when the logits arrive.
+    ``overlap``: compute each request's next mask in a worker thread while the model runs, instead of
+    when the logits arrive (the default: on a machine whose cores the model fills, the hand-off to the
+    worker cost more than the mask, see docs/structured-output.md).
     """
 
     def __init__(
@@ -238,7 +241,7 @@ class ConstraintCompiler:
         vocab_size: int,
         eos_ids: Sequence[int] = (),
         cache_size: int = 64,
-        overlap: bool = True,
+        overlap: bool = False,
     ):
         self.vocab_size = vocab_size
         self.eos_ids = tuple(int(i) for i in eos_ids)

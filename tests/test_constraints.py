@@ -188,13 +188,17 @@ def test_a_batch_mixes_constrained_and_free_requests_without_changing_the_free_o
 def test_masks_computed_inline_or_in_the_worker_give_the_same_tokens(model):
     compiler = compiler_for(model)
     rf = json_format("n", SCHEMAS["nested_objects"])
-    assert compiler.overlap
-    overlapped = model.session().generate("q", max_new_tokens=200, temperature=1.0, seed=7, response_format=rf).tokens
-    compiler.overlap = False
+    assert not compiler.overlap
+    inline = model.session().generate("q", max_new_tokens=200, temperature=1.0, seed=7, response_format=rf).tokens
+    compiler.overlap = True
     try:
-        inline = model.session().generate("q", max_new_tokens=200, temperature=1.0, seed=7, response_format=rf).tokens
+        gen = model.batch()
+        reqs = [gen.submit(model.session(), "q", max_new_tokens=200, temperature=1.0, seed=7, response_format=rf)]
+        reqs.append(gen.submit(model.session(), "q", max_new_tokens=30, temperature=1.0, seed=8))
+        gen.run()
+        overlapped = reqs[0].result().tokens
     finally:
-        compiler.overlap = True
+        compiler.overlap = False
     assert overlapped == inline
 
 
