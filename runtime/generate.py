@@ -165,8 +165,9 @@ class Request:
                 self._finish("stop")
                 return
         if grammar_complete:
-            if self.detok is not None:  # nothing of a completed grammar is held back
-                self._text(self.stopper.push(self.detok.flush())[0] + self.stopper.flush())
+            if self.detok is not None:  # nothing of a completed grammar is held back (but a stop string)
+                text, hit = self.stopper.push(self.detok.flush())
+                self._text(text if hit else text + self.stopper.flush())
             self._finish("stop")
             return
         if len(self.tokens) >= self.params.max_new_tokens:

@@ -21,7 +21,8 @@ but not the tool definitions, which :func:`render_chat` then adds to the system 
 documented wording. The server (issue G) uses :func:`render_chat`, :func:`tool_call_response_format`
 (passed as ``response_format`` to a request), and :func:`parse_tool_calls` /
 :class:`ToolCallStreamParser` on the generated text, which must keep the markers (DeepSeek's
-tokenizer does not mark them special, so the default decoding keeps them).
+tokenizer does not mark them special, so the default decoding keeps them, as vLLM's and SGLang's
+DeepSeek parsers rely on too).
 """
 
 from __future__ import annotations

@@ -143,6 +143,13 @@ def test_regex_and_lark_grammar(model):
     assert out.text in ("answer: yes", "answer: no")
 
 
+def test_a_completed_grammar_keeps_text_held_back_for_a_stop_string(model):
+    """A tail that could start a stop string is held back; when the grammar ends the request it is output."""
+    rf = {"type": "regex", "regex": r"[a-z]{3}\}"}
+    out = model.session().generate("x", max_new_tokens=10, stop=["}!"], response_format=rf)
+    assert re.fullmatch(r"[a-z]{3}\}", out.text) and out.content == out.text and out.finish_reason == "stop"
+
+
 def test_greedy_constrained_output_is_the_best_allowed_token_each_step(model):
     """The mask only removes tokens: greedy picks the highest logit among those the grammar allows."""
     rf = {"type": "regex", "regex": "[a-z]{6}"}
