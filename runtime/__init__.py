@@ -1,5 +1,6 @@
 """Load an artifact on a backend and run it: ``load(dir, backend="cpu").session()``."""
 
+from .constraints import ConstraintError
 from .generate import BatchGenerator, Completion, GenerationError, Request, RequestFailed
 from .model import Model, Session, load
 from .sampling import Sampler, SamplingError, SamplingParams
@@ -21,4 +22,5 @@ __all__ = [
     "TextDelta",
     "TextError",
     "ReasoningSplitter",
+    "ConstraintError",
 ]

@@ -28,6 +28,7 @@ from .sampling import Sampler, SamplingError, SamplingParams, TokenLogprob, nonf
 from .text import IncrementalDetokenizer, ReasoningSplitter, StopStringMatcher, TextDelta
 
 if TYPE_CHECKING:
+    from .constraints import TokenConstraint
     from .model import Model, Session
 
 
@@ -62,7 +63,7 @@ class Completion:
 
     tokens: list[int]
     prompt_tokens: int
-    finish_reason: str  # "eos" | "stop" (a stop string) | "length" (max_new_tokens) | "context" (context full)
+    finish_reason: str  # "eos" | "stop" (a stop string, a completed grammar) | "length" | "context" (context full)
     text: str | None = None  # decoded output (None without a tokenizer)
     reasoning: str | None = None  # the <think> part, when the model produced one
     content: str | None = None  # the answer after </think> (the whole text when there was no reasoning)
@@ -87,10 +88,18 @@ class Request:
     of a request that ended with an error (``result()`` raises it).
     """
 
-    def __init__(self, session: Session, prompt_ids: Sequence[int], params: SamplingParams, in_reasoning: bool = False):
+    def __init__(
+        self,
+        session: Session,
+        prompt_ids: Sequence[int],
+        params: SamplingParams,
+        in_reasoning: bool = False,
+        constraint: TokenConstraint | None = None,
+    ):
         model = session.model
         self.session = session
         self.params = params
+        self.constraint = constraint  # this request's grammar (runtime/constraints.py): masks logits, may end it
         ids = session.check_ids(prompt_ids)
         limit, start = model.max_seq_len, session.position
         if params.on_context_limit == "error" and start + len(ids) + params.max_new_tokens > limit:
@@ -140,15 +149,19 @@ class Request:
             raise GenerationError(
                 f"step {self.step_number}: the model produced {problem} at token position {self.session.position - 1}"
             )
+        raw = logits
+        if self.constraint is not None:
+            logits = self.constraint.mask_logits(logits)
         token = self.sampler(logits, self.history, self.tokens)
         if self.first_token_at is None:
             self.first_token_at = time.perf_counter()
-        if self.params.logprobs is not None:
-            self.logprobs.append(token_logprob(logits, token, self.params.logprobs))
+        if self.params.logprobs is not None:  # the model's own distribution, before the grammar's mask
+            self.logprobs.append(token_logprob(raw, token, self.params.logprobs))
         if self.splitter.part == "reasoning":  # the closing </think> still counts as reasoning
             self.reasoning_tokens += 1
         self.tokens.append(token)
         self.history.append(token)
+        grammar_complete = self.constraint is not None and self.constraint.advance(token)
         if token in self.stop_ids and not self.params.ignore_eos:
             self._finish("eos")  # the EOS id is returned with the tokens but adds no text
             return
@@ -158,6 +171,12 @@ class Request:
             if hit:
                 self._finish("stop")
                 return
+        if grammar_complete:
+            if self.detok is not None:  # nothing of a completed grammar is held back (but a stop string)
+                text, hit = self.stopper.push(self.detok.flush())
+                self._text(text if hit else text + self.stopper.flush())
+            self._finish("stop")
+            return
         if len(self.tokens) >= self.params.max_new_tokens:
             self._finish("length")
         elif self.session.position + 1 > self.session.model.max_seq_len:

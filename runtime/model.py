@@ -393,10 +393,15 @@ class Session:
         prompt: Sequence[int] | str,
         params: SamplingParams | None = None,
         in_reasoning: bool | None = None,
+        *,
+        response_format: Any = None,
         **overrides: Any,
     ) -> Request:
         """A generation request on this session (text prompts are tokenized; a prompt that ends in
-        ``<think>`` starts the output in the reasoning part, unless ``in_reasoning`` says otherwise)."""
+        ``<think>`` starts the output in the reasoning part, unless ``in_reasoning`` says otherwise).
+        ``response_format`` constrains the answer (after any reasoning) to a JSON schema, a regex or a
+        grammar (runtime/constraints.py); a bad one raises
+        :class:`~moeport.runtime.constraints.ConstraintError` here, before anything runs."""
         params = self.model.sampling_params(params, **overrides)
         tok = self.model.tokenizer
         if isinstance(prompt, str):
@@ -411,13 +416,19 @@ class Session:
                 in_reasoning = tok.decode(list(prompt[-4:]), skip_special_tokens=False).rstrip().endswith("<think>")
             except (TypeError, ValueError, OverflowError):
                 in_reasoning = False  # ids the tokenizer cannot decode: Request reports them
-        return Request(self, prompt, params, in_reasoning=bool(in_reasoning))
+        in_reasoning = bool(in_reasoning)
+        constraint = None
+        if response_format is not None:
+            from .constraints import compiler_for
+
+            constraint = compiler_for(self.model).start(response_format, in_reasoning)
+        return Request(self, prompt, params, in_reasoning=in_reasoning, constraint=constraint)
 
     def generate(
         self, prompt: Sequence[int] | str, params: SamplingParams | None = None, **overrides: Any
     ) -> Completion:
         """Generate from ``prompt`` (ids or text) with ``params`` / keyword overrides (``max_new_tokens``,
-        ``temperature``, ``top_p``, ``seed``, ``stop``, ``ignore_eos``, ...)."""
+        ``temperature``, ``top_p``, ``seed``, ``stop``, ``ignore_eos``, ``response_format``, ...)."""
         gen = BatchGenerator(self.model, 1)
         req = gen.submit(self, prompt, params, **overrides)
         try:

@@ -19,6 +19,7 @@ from moeport.exporter.export import WEIGHT_CHOICES, ExportError, export
 from moeport.exporter.manifest import ArtifactError, read_artifact
 from moeport.models.checkpoint import CheckpointError
 from moeport.models.config import ConfigError
+from moeport.runtime.constraints import ConstraintError, check_response_format
 from moeport.runtime.generate import GenerationError
 from moeport.runtime.model import load
 from moeport.runtime.sampling import SamplingError, SamplingParams
@@ -33,6 +34,7 @@ USER_ERRORS = (
     GenerationError,
     SamplingError,
     TextError,
+    ConstraintError,
 )
 
 
@@ -350,10 +352,31 @@ def _sampling(
     )
 
 
-def _generate(session, prompt, params: SamplingParams, echo: bool):
+def _response_format(json_schema: Path | None, regex: str | None) -> dict | None:
+    """The response_format of ``--json-schema FILE`` / ``--regex R``, checked before the model loads."""
+    if json_schema is not None and regex is not None:
+        raise click.UsageError("give at most one of --json-schema and --regex")
+    if json_schema is not None:
+        try:
+            schema = json.loads(json_schema.read_text(encoding="utf-8"))
+        except (ValueError, RecursionError) as exc:  # UnicodeDecodeError too
+            raise ConstraintError(f"{json_schema}: not a JSON file ({exc})") from None
+        fmt = {"type": "json_schema", "json_schema": {"name": json_schema.stem, "schema": schema}}
+    elif regex is not None:
+        fmt = {"type": "regex", "regex": regex}
+    else:
+        return None
+    try:
+        check_response_format(fmt)
+    except ConstraintError as exc:
+        raise ConstraintError(f"{json_schema}: {exc}" if json_schema is not None else str(exc)) from None
+    return fmt
+
+
+def _generate(session, prompt, params: SamplingParams, echo: bool, response_format: dict | None = None):
     """Run one generation; with ``echo``, stream it to stdout (reasoning dimmed, then a blank line, content)."""
     last = None
-    stream = session.stream(prompt, params)
+    stream = session.stream(prompt, params, response_format=response_format)
     while True:
         try:
             d = next(stream)
@@ -372,6 +395,13 @@ def _generate(session, prompt, params: SamplingParams, echo: bool):
 @click.option("--prompt-ids", help="Prompt as comma-separated token ids, e.g. 1,2,3.")
 @click.option("--chat", is_flag=True, help="Apply the model's chat template to --prompt as one user message.")
 @click.option("--system", help="With --chat: a system message before the user message.")
+@click.option(
+    "--json-schema",
+    "json_schema",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="Constrain the answer (after any reasoning) to JSON valid against the JSON Schema in FILE.",
+)
+@click.option("--regex", help="Constrain the answer (after any reasoning) to text matching this regular expression.")
 @sampling_options
 @click.option(
     "--json",
@@ -385,6 +415,8 @@ def run_cmd(
     prompt_ids: str | None,
     chat: bool,
     system: str | None,
+    json_schema: Path | None,
+    regex: str | None,
     as_json: bool,
     threads: int | None,
     backend: str,
@@ -397,6 +429,7 @@ def run_cmd(
         raise click.UsageError("give exactly one of --prompt or --prompt-ids")
     if chat and prompt is None:
         raise click.UsageError("--chat needs --prompt (text)")
+    response_format = _response_format(json_schema, regex)
     t0 = time.perf_counter()
     model = load(artifact_dir, backend=backend, **backend_options_with(backend_options, threads, trust_compiled))
     load_s = time.perf_counter() - t0
@@ -411,7 +444,8 @@ def run_cmd(
             ]
             prompt = tok.apply_chat_template(messages, add_generation_prompt=True)
     stream = not as_json and model.tokenizer is not None
-    result = _generate(model.session(), prompt if prompt is not None else _parse_ids(prompt_ids), params, stream)
+    ids = prompt if prompt is not None else _parse_ids(prompt_ids)
+    result = _generate(model.session(), ids, params, stream, response_format)
     if as_json:
         out = {
             "tokens": result.tokens,
