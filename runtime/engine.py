@@ -105,6 +105,7 @@ class EngineRequest:
     n: int = 1
     in_reasoning: bool | None = None
     on_event: Callable[[ChoiceEvent], None] | None = None
+    response_format: Any = None  # a compiled constraint (runtime/constraints.py), or None
     id: int = field(default_factory=lambda: next(_ids))
     created: float = field(default_factory=time.perf_counter)
     cached_tokens: int = 0  # prompt tokens served by the prefix cache
@@ -229,12 +230,22 @@ class Engine:
         n: int = 1,
         on_event: Callable[[ChoiceEvent], None] | None = None,
         in_reasoning: bool | None = None,
+        response_format: Any = None,
     ) -> EngineRequest:
         """Queue a request (checked first: raises InvalidRequest, QueueFull, EngineClosed). A request that
         fits in the batch's free slots starts at the next step; one that has to wait for a slot is refused
-        with QueueFull when ``max_queue`` requests are already waiting."""
+        with QueueFull when ``max_queue`` requests are already waiting. ``response_format`` (a JSON schema,
+        regex or grammar, see runtime/constraints.py) is compiled here, so a bad one is refused at once."""
         ids = self.check(prompt, params, n)
-        req = EngineRequest(ids, params, n, in_reasoning, on_event)
+        compiled = None
+        if response_format is not None:
+            from .constraints import ConstraintError, compiler_for
+
+            try:
+                compiled = compiler_for(self.model).compile(response_format)
+            except ConstraintError as exc:
+                raise InvalidRequest(str(exc), "response_format") from None
+        req = EngineRequest(ids, params, n, in_reasoning, on_event, compiled)
         req._engine = self  # type: ignore[attr-defined]
         with self._cv:
             if self._closing or not self._thread.is_alive():
@@ -395,11 +406,15 @@ class Engine:
                 base.prefill(rest[:-1])
                 self._remember(base)
             sessions, feeds = [base.fork() for _ in range(r.n)], [rest[-1:]] * r.n
+        if r.in_reasoning is None:  # from the whole prompt: a choice may be fed only its last token
+            r.in_reasoning = model.opens_reasoning(prompt)
         for i, (s, feed) in enumerate(zip(sessions, feeds, strict=True)):
             params = r.params
             if r.n > 1 and params.seed is not None:  # each choice its own reproducible stream
                 params = replace(params, seed=(params.seed + i) % 2**64)
-            r.choices.append(self._gen.submit(s, feed, params, in_reasoning=r.in_reasoning))
+            r.choices.append(
+                self._gen.submit(s, feed, params, in_reasoning=r.in_reasoning, response_format=r.response_format)
+            )
         r._sent, r._text_sent, r._closed, r._last = [0] * r.n, [0] * r.n, [False] * r.n, [0.0] * r.n
 
     def _remember(self, session: Any) -> None:

@@ -109,6 +109,17 @@ class Model:
                 self._tokenizer_loaded = True
         return self._tokenizer
 
+    def opens_reasoning(self, ids: Sequence[int]) -> bool:
+        """Whether a sequence ends inside an opened ``<think>`` (DeepSeek-R1's chat template ends the prompt
+        with ``<think>\n``): the output then starts in the reasoning part."""
+        tok = self.tokenizer
+        if tok is None or len(ids) == 0:
+            return False
+        try:
+            return tok.decode(list(ids[-4:]), skip_special_tokens=False).rstrip().endswith("<think>")
+        except (TypeError, ValueError, OverflowError):
+            return False  # ids the tokenizer cannot decode: the request reports them
+
     def require_tokenizer(self) -> Tokenizer:
         tok = self.tokenizer
         if tok is None:
@@ -411,11 +422,8 @@ class Session:
             has_bos = bool(tok.bos_token) and prompt.startswith(tok.bos_token)
             prompt = tok.encode(prompt, add_special_tokens=not has_bos and self.position == 0)
         # a prompt ending in "<think>" (DeepSeek-R1's chat template) starts the output inside the reasoning
-        if in_reasoning is None and tok is not None and len(prompt) > 0:
-            try:
-                in_reasoning = tok.decode(list(prompt[-4:]), skip_special_tokens=False).rstrip().endswith("<think>")
-            except (TypeError, ValueError, OverflowError):
-                in_reasoning = False  # ids the tokenizer cannot decode: Request reports them
+        if in_reasoning is None:
+            in_reasoning = self.model.opens_reasoning([*self.tokens, *prompt])
         in_reasoning = bool(in_reasoning)
         constraint = None
         if response_format is not None:

@@ -769,6 +769,12 @@ def bench_cmd(
     help="On SIGTERM: seconds to let requests in flight finish before they are cancelled.",
 )
 @click.option("--insecure", is_flag=True, help="Allow a non-loopback --host without an API key.")
+@click.option(
+    "--tool-call-parser",
+    type=click.Choice(["deepseek_v3", "deepseek_v31"]),
+    default=None,
+    help="DeepSeek's tool-call format: V3/R1 or V3.1 [default: read off the model's chat template].",
+)
 @click.option("--threads", type=click.IntRange(min=1), default=None, help="CPU threads (default: all cores).")
 @backend_option
 @trust_option
@@ -785,6 +791,7 @@ def serve_cmd(
     prefix_cache_mb: float,
     shutdown_timeout: float,
     insecure: bool,
+    tool_call_parser: str | None,
     threads: int | None,
     backend_options: dict,
     trust_compiled: bool,
@@ -825,6 +832,7 @@ def serve_cmd(
             shutdown_timeout=shutdown_timeout,
             insecure=insecure,
             log_level="warning",
+            tool_call_parser=tool_call_parser,
         )
     except ServeError as exc:
         raise click.ClickException(str(exc)) from exc

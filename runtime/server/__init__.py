@@ -43,6 +43,7 @@ def serve(
     insecure: bool = False,
     log_level: str = "info",
     ready: Any = None,
+    tool_call_parser: str | None = None,
 ) -> None:
     """Serve ``model`` until SIGTERM/SIGINT: then stop accepting (the listening socket closes; a request on a
     connection still open gets 503), let requests in flight finish, streams included (those still running
@@ -66,7 +67,7 @@ def serve(
     engine = Engine(model, max_batch=max_batch, max_queue=max_queue, prefix_cache_mb=prefix_cache_mb, observer=metrics)
     metrics.bind(engine)
     name = served_model_name or model.artifact.directory.name
-    state = ServerState(model, engine, name, api_key=api_key, metrics=metrics)
+    state = ServerState(model, engine, name, api_key=api_key, metrics=metrics, tool_call_parser=tool_call_parser)
     app = create_app(state)
     config = uvicorn.Config(
         app,

@@ -63,6 +63,7 @@ class ServerState:
     metrics: Metrics | None = None
     closing: bool = False
     created: int = field(default_factory=lambda: int(time.time()))
+    tool_call_parser: str | None = None  # deepseek_v3 | deepseek_v31; None: read off the chat template
 
 
 class ApiKeyMiddleware:
@@ -133,14 +134,14 @@ def create_app(state: ServerState) -> FastAPI:
     async def chat(request: Request):
         body = await _parse(request, ChatCompletionRequest)
         _check_model(state, body.model)
-        _refuse_unsupported(body)
         if body.top_logprobs is not None and not body.logprobs:
             raise ApiError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
-        ids = _chat_prompt(state.model, body)
+        shape = _structure(state, body)
+        ids = _chat_prompt(state.model, body, shape)
         max_tokens = body.max_completion_tokens or body.max_tokens
         logprobs = (body.top_logprobs or 0) if body.logprobs else None
         params = _params(state, body, len(ids), max_tokens, logprobs)
-        return await _run(request, state, "chat", body, ids, params)
+        return await _run(request, state, "chat", body, ids, params, shape)
 
     @app.post("/v1/completions")
     async def completions(request: Request):
@@ -262,13 +263,51 @@ def _check_model(state: ServerState, name: str | None) -> None:
         )
 
 
-def _refuse_unsupported(body: ChatCompletionRequest) -> None:
-    """Structured output is not supported yet: say so rather than answer without the asked-for shape."""
+@dataclass(frozen=True)
+class _Shape:
+    """What a chat request asks of its output: a constraint, and whether tool calls are parsed from it."""
+
+    response_format: Any = None  # for the engine (a JSON schema, or the grammar forcing a tool call)
+    tool_format: str | None = None  # deepseek_v3 | deepseek_v31 when tools are offered
+
+
+def _structure(state: ServerState, body: ChatCompletionRequest) -> _Shape:
+    """``response_format`` and ``tools``/``tool_choice`` checked and turned into a constraint (400s name the
+    field): tools need a chat template that renders DeepSeek tool calls (or --tool-call-parser)."""
+    from ..constraints import ConstraintError, check_response_format
+    from ..tool_calls import ToolCallError, resolve_tool_choice, tool_call_format, tool_call_response_format
+
     fmt = body.response_format
-    if fmt is not None and fmt.get("type", "text") != "text":
-        raise ApiError(400, f"response_format {fmt.get('type')!r} is not supported yet", param="response_format")
-    if body.tools and body.tool_choice != "none":
-        raise ApiError(400, "tools (function calling) are not supported yet", param="tools")
+    if fmt is not None:
+        try:
+            check_response_format(fmt)
+        except ConstraintError as exc:
+            raise ApiError(400, f"response_format: {exc}", param="response_format") from None
+        if fmt.get("type") == "text":
+            fmt = None
+    if not body.tools:
+        if body.tool_choice not in (None, "none", "auto"):
+            raise ApiError(400, "tool_choice needs tools", param="tool_choice")
+        return _Shape(fmt)
+    tok = state.model.tokenizer
+    if tok is None:
+        raise ApiError(400, "tools need the model's tokenizer and chat template", param="tools")
+    try:
+        from ..tool_calls import check_tools
+
+        choice = resolve_tool_choice(body.tool_choice, check_tools(body.tools))
+        if choice == "none":
+            return _Shape(fmt)
+        tool_format = tool_call_format(tok, state.tool_call_parser)
+        forced = tool_call_response_format(
+            body.tools, body.tool_choice, tool_format, tok, parallel_tool_calls=body.parallel_tool_calls
+        )
+    except ToolCallError as exc:
+        param = "tool_choice" if "tool_choice" in str(exc) else "tools"
+        raise ApiError(400, str(exc), param=param) from None
+    if forced is not None and fmt is not None:
+        raise ApiError(400, "response_format cannot be combined with a forced tool call", param="response_format")
+    return _Shape(forced or fmt, tool_format)
 
 
 def _check_text(text: str, param: str) -> str:
@@ -280,11 +319,14 @@ def _check_text(text: str, param: str) -> str:
     return text
 
 
-def _chat_prompt(model: Any, body: ChatCompletionRequest) -> list[int]:
+def _chat_prompt(model: Any, body: ChatCompletionRequest, shape: _Shape) -> list[int]:
     if model.tokenizer is None:
         raise ApiError(400, "this model has no tokenizer: use /v1/completions with token ids")
     messages = []
+    uses_tools = shape.tool_format is not None
     for i, m in enumerate(body.messages):
+        if m.role == "tool" or m.tool_calls:
+            uses_tools = True
         where = f"messages.{i}.content"
         if m.content is None and m.role != "assistant":
             raise ApiError(400, f"{where}: a {m.role} message needs content", param=where)
@@ -295,11 +337,26 @@ def _chat_prompt(model: Any, body: ChatCompletionRequest) -> list[int]:
         if m.role == "assistant" and "</think>" in text:  # DeepSeek: earlier reasoning is not sent back
             text = text.split("</think>")[-1].lstrip()
         role = "system" if m.role == "developer" else m.role
-        messages.append({"role": role, "content": text})
+        message: dict[str, Any] = {"role": role, "content": text}
+        if m.role == "assistant" and m.tool_calls:
+            message["tool_calls"] = m.tool_calls
+            message["content"] = text or None
+        if m.role == "tool":
+            message["tool_call_id"] = m.tool_call_id
+        messages.append(message)
+    if not uses_tools:
+        try:
+            return model.chat_ids(messages)
+        except TextError as exc:
+            raise ApiError(400, str(exc), param="messages") from None
+    from ..tool_calls import ToolCallError, render_chat
+
+    tools = body.tools if shape.tool_format is not None else None
     try:
-        return model.chat_ids(messages)
-    except TextError as exc:
-        raise ApiError(400, str(exc), param="messages") from None
+        text = render_chat(model.tokenizer, messages, tools, parser=shape.tool_format)
+    except (ToolCallError, TextError) as exc:
+        raise ApiError(400, str(exc), param="tools" if body.tools else "messages") from None
+    return model.tokenizer.encode(text, add_special_tokens=False)
 
 
 def _completion_prompt(model: Any, prompt: str | list) -> list[int]:
@@ -378,12 +435,21 @@ async def _cancel_on_disconnect(request: Request, handle: EngineRequest) -> None
             return
 
 
-async def _run(request: Request, state: ServerState, kind: str, body: Any, ids: list[int], params: SamplingParams):
+async def _run(
+    request: Request,
+    state: ServerState,
+    kind: str,
+    body: Any,
+    ids: list[int],
+    params: SamplingParams,
+    shape: _Shape | None = None,
+):
     if state.closing:
         raise ApiError(503, "the server is shutting down", "service_unavailable")
+    shape = shape or _Shape()
     bridge = _Bridge()
     try:
-        handle = state.engine.submit(ids, params, body.n, on_event=bridge)
+        handle = state.engine.submit(ids, params, body.n, on_event=bridge, response_format=shape.response_format)
     except QueueFull as exc:
         raise ApiError(429, f"server busy: {exc}", "rate_limit_exceeded") from None
     except EngineClosed as exc:
@@ -397,7 +463,7 @@ async def _run(request: Request, state: ServerState, kind: str, body: Any, ids: 
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         return EventSourceResponse(
-            _stream(state, kind, rid, handle, bridge, include_usage, body.return_token_ids),
+            _stream(state, kind, rid, handle, bridge, include_usage, body.return_token_ids, shape.tool_format),
             ping=15,
             send_timeout=60,
             sep="\n",
@@ -416,7 +482,7 @@ async def _run(request: Request, state: ServerState, kind: str, body: Any, ids: 
     failed = next((c.error for c in choices if c.error is not None), None)
     if failed is not None:
         raise ApiError(500, f"the model failed on this request: {failed}", "internal_error")
-    return _response(state, kind, rid, handle, choices, body.return_token_ids)
+    return _response(state, kind, rid, handle, choices, body.return_token_ids, shape.tool_format)
 
 
 def _absorb(c: _Choice, event: ChoiceEvent) -> None:
@@ -467,7 +533,13 @@ def _completion_logprobs(model: Any, items: list[TokenLogprob]) -> dict[str, Any
 
 
 def _response(
-    state: ServerState, kind: str, rid: str, handle: EngineRequest, choices: list[_Choice], token_ids: bool
+    state: ServerState,
+    kind: str,
+    rid: str,
+    handle: EngineRequest,
+    choices: list[_Choice],
+    token_ids: bool,
+    tool_format: str | None = None,
 ) -> dict:
     model = state.model
     want_logprobs = handle.params.logprobs is not None
@@ -475,13 +547,19 @@ def _response(
     for i, c in enumerate(choices):
         if kind == "chat":
             reasoning = "".join(c.reasoning).strip()
-            message = {
-                "role": "assistant",
-                "content": "".join(c.content).strip(),
-                "reasoning_content": reasoning or None,
-            }
+            content: str | None = "".join(c.content).strip()
+            message: dict[str, Any] = {"role": "assistant", "content": content, "reasoning_content": reasoning or None}
+            finish = c.finish
+            if tool_format is not None:
+                from ..tool_calls import parse_tool_calls
+
+                parsed = parse_tool_calls(content, tool_format)
+                if parsed.tool_calls:
+                    message["content"] = parsed.content or None
+                    message["tool_calls"] = [call.to_openai() for call in parsed.tool_calls]
+                    finish = "tool_calls" if finish == "stop" else finish
             logprobs = _chat_logprobs(model, c.logprobs) if want_logprobs else None
-            choice = {"index": i, "message": message, "logprobs": logprobs, "finish_reason": c.finish}
+            choice = {"index": i, "message": message, "logprobs": logprobs, "finish_reason": finish}
         else:
             logprobs = _completion_logprobs(model, c.logprobs) if want_logprobs else None
             choice = {"index": i, "text": "".join(c.text), "logprobs": logprobs, "finish_reason": c.finish}
@@ -509,8 +587,14 @@ async def _stream(
     bridge: _Bridge,
     include_usage: bool,
     token_ids: bool,
+    tool_format: str | None = None,
 ) -> AsyncIterator[dict[str, str]]:
     created, model = int(time.time()), state.model
+    tool_parsers = None
+    if tool_format is not None:
+        from ..tool_calls import ToolCallStreamParser
+
+        tool_parsers = [ToolCallStreamParser(tool_format) for _ in range(handle.n)]
     obj = "chat.completion.chunk" if kind == "chat" else "text_completion"
     usage_field = {"usage": None} if include_usage else {}
     open_choices = set(range(handle.n))
@@ -539,6 +623,18 @@ async def _stream(
                 for d in event.deltas:
                     key = "reasoning_content" if d.part == "reasoning" else "content"
                     delta[key] = delta.get(key, "") + d.text
+                if tool_parsers is not None:  # the content goes through the tool-call parser
+                    parser = tool_parsers[event.index]
+                    pieces = parser.feed(delta.pop("content", ""))
+                    if finish is not None:
+                        pieces += parser.finish()
+                        if parser.calls and finish == "stop":
+                            finish = "tool_calls"
+                    for piece in pieces:
+                        if piece.content is not None:
+                            delta["content"] = delta.get("content", "") + piece.content
+                        else:
+                            delta.setdefault("tool_calls", []).append(piece.tool_call)
                 if want_logprobs and event.logprobs:
                     lp = _chat_logprobs(model, event.logprobs)
                 choice = {"index": event.index, "delta": delta, "logprobs": lp, "finish_reason": finish}
