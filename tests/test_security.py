@@ -314,7 +314,9 @@ def test_a_planted_library_never_runs_unless_the_user_trusts_it(tiny_checkpoint,
     art = export(tiny_checkpoint, tmp_path / "art")
     assert CliRunner().invoke(main, ["compile", str(art), "--backend", "tvm"]).exit_code == 0
     lib = next((art / "compiled").glob("tvm-*/lib.so"))
-    shutil.copyfile(_planted_library(tmp_path), lib)
+    planted = lib.with_name("planted.so")
+    shutil.copyfile(_planted_library(tmp_path), planted)
+    planted.replace(lib)  # a new file: the library this process built and mapped stays intact
     edit_manifest(
         art,
         lambda m: m["compiled"].update(
