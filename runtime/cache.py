@@ -1,4 +1,5 @@
-"""The latent KV cache of one sequence: per-layer buffers that grow geometrically, written in place."""
+"""The latent KV cache of one sequence: per-layer buffers that grow geometrically, written in place; and
+the shared buffers that sessions decoded together in one batch live in while they are batched."""
 
 from __future__ import annotations
 
@@ -20,6 +21,28 @@ def _zeros_block(layers: int, capacity: int, dim: int, dtype: np.dtype) -> list[
     return list(np.frombuffer(mmap.mmap(-1, nbytes), dtype).reshape(shape))
 
 
+def _zeros_batch(layers: int, batch: int, capacity: int, dim: int, dtype: np.dtype) -> list[np.ndarray]:
+    """``layers`` zeroed ``[batch, capacity, dim]`` buffers, views of one block (mapped when large)."""
+    shape = (layers, batch, capacity, dim)
+    nbytes = layers * batch * capacity * dim * dtype.itemsize
+    if nbytes < _MAPPED_BYTES:
+        return list(np.zeros(shape, dtype))
+    return list(np.frombuffer(mmap.mmap(-1, nbytes), dtype).reshape(shape))
+
+
+class BatchBuffers:
+    """One ``[batch, capacity, dim]`` buffer per layer in which the caches of ``batch`` sessions decoded
+    together live, row ``r`` for one session: a batched step passes these buffers as they are (each
+    session's rows from position 0, the rest masked out) instead of copying every session's cache into
+    a padded array at every step. Sessions attach when a batch forms and keep writing their new rows in
+    place; a session whose cache outgrows ``capacity`` moves back to buffers of its own."""
+
+    def __init__(self, layers: int, batch: int, capacity: int, dim: int, dtype: np.dtype):
+        self.batch, self.capacity = batch, capacity
+        self.arrays = _zeros_batch(layers, batch, capacity, dim, np.dtype(dtype))
+        self.members: list = []  # weak references to the caches living here (set by whoever attaches them)
+
+
 class LatentCache:
     """``layers`` buffers of shape ``[1, capacity, dim]``; the first ``length`` rows are the sequence.
 
@@ -32,6 +55,23 @@ class LatentCache:
         self.layers, self.dim, self.dtype, self.fixed = layers, dim, np.dtype(dtype), fixed
         self.buffers = _zeros_block(layers, capacity, dim, self.dtype)
         self.length = 0
+        self.slot: tuple[BatchBuffers, int] | None = None  # (shared buffers, row) while batched
+
+    def attach(self, shared: BatchBuffers, row: int) -> None:
+        """Move this cache's rows into row ``row`` of ``shared`` and keep writing there."""
+        views = [a[row : row + 1] for a in shared.arrays]  # [1, capacity, dim]: contiguous
+        for new, buf in zip(views, self.buffers, strict=True):
+            new[:, : self.length] = buf[:, : self.length]
+        self.buffers, self.slot = views, (shared, row)
+
+    def detach(self) -> None:
+        """Move the rows back into buffers of this cache's own (the shared ones may then be freed)."""
+        if self.slot is None:
+            return
+        own = _zeros_block(self.layers, max(self.length, 16), self.dim, self.dtype)
+        for new, buf in zip(own, self.buffers, strict=True):
+            new[:, : self.length] = buf[:, : self.length]
+        self.buffers, self.slot = own, None
 
     @property
     def capacity(self) -> int:
@@ -57,7 +97,7 @@ class LatentCache:
             grown = _zeros_block(self.layers, capacity, self.dim, self.dtype)
             for new, buf in zip(grown, self.buffers, strict=True):
                 new[:, : self.length] = buf[:, : self.length]
-            self.buffers = grown
+            self.buffers, self.slot = grown, None
         for buf, r in zip(self.buffers, rows, strict=True):
             buf[:, self.length : need] = r
         self.length = need

@@ -220,6 +220,7 @@ class Request:
     def _end(self, reason: str) -> None:
         self.pending = []
         self.finished_at = time.perf_counter()
+        self.session.cache.detach()  # out of the batch's shared buffers, which may then be freed
         self.finish_reason = reason  # last: another thread polling `done` then sees the whole outcome
         if self.ownership is not None:
             self.session._release(self.ownership)

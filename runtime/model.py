@@ -14,7 +14,7 @@ import numpy as np
 from moeport.backends.base import Backend, Program, best_backend, check_options, get_backend
 from moeport.exporter.manifest import Artifact, ArtifactError, read_artifact
 
-from .cache import LatentCache
+from .cache import BatchBuffers, LatentCache
 from .generate import BatchGenerator, Completion, GenerationError, Request
 from .sampling import SamplingParams, generation_defaults
 from .text import TextDelta, TextError, Tokenizer
@@ -202,6 +202,32 @@ class Model:
             for s in reversed(locks):
                 s._lock.release()
 
+    def _batch_buffers(self, sessions: Sequence[Session], need: int) -> BatchBuffers:
+        """The shared buffers ``sessions`` (in this order) decode in: the ones they already share when they
+        are the same batch with room for ``need`` rows, else new ones they move into (a batch changes
+        when a sequence joins or leaves, not at every step). Sessions that leave get their rows back."""
+        first = sessions[0].cache.slot
+        shared = first[0] if first is not None else None
+        if (
+            shared is not None
+            and shared.batch == len(sessions)
+            and need <= shared.capacity
+            and all(s.cache.slot == (shared, r) for r, s in enumerate(sessions))
+        ):
+            return shared
+        olds = {id(s.cache.slot[0]): s.cache.slot[0] for s in sessions if s.cache.slot is not None}
+        capacity = -(-int(need * 1.25 + 16) // 64) * 64  # room for the next decode steps
+        shared = BatchBuffers(self.num_layers, len(sessions), capacity, self.latent_dim, np.float32)
+        for r, s in enumerate(sessions):
+            s.cache.attach(shared, r)
+        for old in olds.values():  # members of an earlier batch that are not in this one
+            for ref in old.members:
+                member = ref()
+                if member is not None and member.slot is not None and member.slot[0] is old:
+                    member.detach()
+        shared.members = [weakref.ref(s.cache) for s in sessions]
+        return shared
+
     def _run(self, items: Sequence[tuple[Session, Sequence[int]]], logits_to_keep: int) -> list[np.ndarray]:
         """One backend call for ``items`` (their sessions locked); appends each session's new rows."""
         program = self.program
@@ -216,25 +242,19 @@ class Model:
         pos = np.zeros((b, n), np.int64)
         if self.cache_capacity is not None:  # the whole fixed buffers; rows past the sequence are masked
             p = self.cache_capacity
+            caches = list(sessions[0].cache.buffers)
+        elif b == 1:
+            caches = sessions[0].cache.views()
+        else:  # the sessions' caches as rows of shared buffers, each from position 0, the rest masked
+            shared = self._batch_buffers(sessions, max(past + len(new) for past, new in zip(pasts, news, strict=True)))
+            p, caches = shared.capacity, shared.arrays
         mask = np.zeros((b, p + n), np.int64)
         for r, (new, past) in enumerate(zip(news, pasts, strict=True)):
             k = len(new)
             ids[r, n - k :] = new
             pos[r, n - k :] = np.arange(past, past + k)
-            if self.cache_capacity is not None:
-                mask[r, :past] = 1  # the sequence's rows start the fixed buffer
-            else:
-                mask[r, p - past : p] = 1  # right-aligned just before the new-token block
-            mask[r, p + n - k :] = 1
-        if self.cache_capacity is not None:
-            caches = list(sessions[0].cache.buffers)
-        elif b == 1:
-            caches = sessions[0].cache.views()
-        else:
-            caches = [np.zeros((b, p, self.latent_dim), np.float32) for _ in range(self.num_layers)]
-            for r, (s, past) in enumerate(zip(sessions, pasts, strict=True)):
-                for layer, view in enumerate(s.cache.views()):
-                    caches[layer][r, p - past :] = view[0]
+            mask[r, :past] = 1  # the sequence's rows start every cache buffer (alone: they are the buffer)
+            mask[r, p + n - k :] = 1  # new tokens right-aligned in the new-token block
         feeds = {
             "input_ids": ids,
             "position_ids": pos,

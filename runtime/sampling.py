@@ -200,6 +200,13 @@ class Sampler:
         return probs / probs.sum()
 
     def __call__(self, logits: np.ndarray, history: Sequence[int] = (), generated: Sequence[int] = ()) -> int:
+        p = self.params
+        if p.greedy and p.repetition_penalty == 1.0 and not (p.presence_penalty or p.frequency_penalty):
+            # the argmax of the logits as they are (no float64 copy of the vocabulary): the same token
+            problem = nonfinite_logits(logits, allow_masked=True)
+            if problem:
+                raise SamplingError(f"cannot sample from {problem}")
+            return int(np.argmax(logits))
         probs = self.probabilities(logits, history, generated)
         if self.params.greedy:
             return int(np.argmax(probs))

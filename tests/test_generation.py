@@ -342,3 +342,30 @@ def test_chat_template_renders_like_transformers(text_artifact):
         for gen in (True, False):
             want = hf.apply_chat_template(messages, chat_template=template, tokenize=False, add_generation_prompt=gen)
             assert ours_template.render(messages, add_generation_prompt=gen) == want
+
+
+def test_batched_sessions_share_buffers_while_batched_and_get_their_rows_back(text_artifact):
+    """A batch decodes in shared buffers (no copy of every cache at every step); a finished request's session
+    holds its own rows again, equal to a lone run's, and keeps working alone."""
+    model = load(text_artifact)
+    prompts = [[256, 72, 105], [256, 72, 101, 108, 108, 111], [256, 33]]
+    want = [model.session().generate(p, max_new_tokens=6 + i, ignore_eos=True).tokens for i, p in enumerate(prompts)]
+    gen = model.batch()
+    sessions = [model.session() for _ in prompts]
+    reqs = [
+        gen.submit(s, p, max_new_tokens=6 + i, ignore_eos=True)
+        for i, (s, p) in enumerate(zip(sessions, prompts, strict=True))
+    ]
+    gen.step()
+    gen.step()
+    shared = {id(s.cache.slot[0]) for s in sessions if s.cache.slot is not None}
+    assert len(shared) == 1 and all(s.cache.slot is not None for s in sessions)  # one set of buffers
+    gen.run()
+    assert [r.result().tokens for r in reqs] == want
+    for s, p, w in zip(sessions, prompts, want, strict=True):
+        assert s.cache.slot is None  # detached when its request ended
+        alone = model.session()
+        alone.prefill([*p, *w[:-1]])
+        for got, ref in zip(s.cache.views(), alone.cache.views(), strict=True):
+            np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5)
+        assert s.step(w[-1]).shape == (model.vocab_size,)

@@ -80,17 +80,20 @@ async def one_request(client: Any, model: str, index: int, prompt: list[int], ar
     result = RequestResult(index, len(prompt))
     result.sent = time.perf_counter() - t0
     start = time.perf_counter()
+    request = dict(
+        model=model,
+        prompt=prompt,
+        max_tokens=args.max_tokens,
+        temperature=args.temperature,
+        seed=args.seed + index,
+        stream=True,
+        stream_options={"include_usage": True},
+        extra_body={"ignore_eos": args.ignore_eos, "return_token_ids": True},
+    )
     try:
-        stream = await client.completions.create(
-            model=model,
-            prompt=prompt,
-            max_tokens=args.max_tokens,
-            temperature=args.temperature,
-            seed=args.seed + index,
-            stream=True,
-            stream_options={"include_usage": True},
-            extra_body={"ignore_eos": args.ignore_eos, "return_token_ids": True},
-        )
+        if args.raw:  # the same client and HTTP stack, chunks read as JSON instead of typed SDK objects
+            return await _one_raw(client, request, result, start)
+        stream = await client.completions.create(**request)
         async for chunk in stream:
             now = time.perf_counter() - start
             if chunk.usage is not None:
@@ -106,6 +109,27 @@ async def one_request(client: Any, model: str, index: int, prompt: list[int], ar
         result.output_tokens = result.output_tokens or len(result.token_times)
     except Exception as exc:  # noqa: BLE001 - reported per request, the run goes on
         result.error = f"{type(exc).__name__}: {exc}"
+    return result
+
+
+async def _one_raw(client: Any, request: dict[str, Any], result: RequestResult, start: float) -> RequestResult:
+    async with client.completions.with_streaming_response.create(**request) as response:
+        async for line in response.iter_lines():
+            if not line.startswith("data:") or line == "data: [DONE]":
+                continue
+            now = time.perf_counter() - start
+            chunk = json.loads(line[5:])
+            usage = chunk.get("usage")
+            if usage:
+                result.output_tokens = usage.get("completion_tokens")
+                result.cached_tokens = (usage.get("prompt_tokens_details") or {}).get("cached_tokens")
+            for choice in chunk.get("choices", []):
+                ids = choice.get("token_ids")
+                n = len(ids) if ids is not None else (1 if choice.get("text") else 0)
+                if n and result.ttft is None:
+                    result.ttft = now
+                result.token_times.extend([now] * n)
+    result.output_tokens = result.output_tokens or len(result.token_times)
     return result
 
 
@@ -248,6 +272,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--api-key", default=None)
     p.add_argument("--model", default=None, help="model name [default: the server's first model]")
     p.add_argument("--concurrency", type=int, default=1, help="streams at a time")
+    p.add_argument(
+        "--raw",
+        action="store_true",
+        help="read the streamed chunks as plain JSON (the openai client's streaming response) instead of typed "
+        "SDK objects: a lighter client, for a load generator that shares the server's cores",
+    )
     p.add_argument("--requests", type=int, default=8, help="requests in all")
     p.add_argument("--prompt-tokens", type=int, default=128)
     p.add_argument("--shared-prefix-tokens", type=int, default=0, help="leading prompt tokens common to all requests")
