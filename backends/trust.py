@@ -39,7 +39,7 @@ from moeport.exporter.manifest import (
     user_cache_file,
     write_json_best_effort,
 )
-from moeport.models.paths import UnsafePathError, open_inside
+from moeport.models.paths import UnsafePathError, open_inside, read_inside
 
 from .base import BackendError
 
@@ -166,17 +166,11 @@ def sign(lib: Path, sha: str, key_path: Path) -> Path:
 def signature_of(directory: Path, rel: str, sha: str) -> tuple[str | None, str]:
     """(fingerprint of the trusted key that signed ``rel`` with content ``sha``, or None; what was found)."""
     try:
-        fd, st = open_inside(directory, rel + SIGNATURE_SUFFIX, "signature")
+        raw = read_inside(directory, rel + SIGNATURE_SUFFIX, "signature", MAX_SIGNATURE_BYTES)
     except FileNotFoundError:
         return None, "not signed"
     except UnsafePathError as exc:
         return None, f"signature refused ({exc})"
-    try:
-        if st.st_size > MAX_SIGNATURE_BYTES:
-            return None, "signature file too large"
-        raw = os.pread(fd, st.st_size, 0)
-    finally:
-        os.close(fd)
     try:
         doc = json.loads(raw)
         if not isinstance(doc, dict) or doc.get("format") != SIGNATURE_FORMAT or doc.get("algorithm") != "ed25519":

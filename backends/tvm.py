@@ -41,7 +41,7 @@ from onnx import helper, numpy_helper
 
 from moeport.exporter.manifest import MANIFEST, Artifact, sha256_file
 from moeport.exporter.ops import parse_op_type
-from moeport.models.paths import UnsafePathError, open_inside
+from moeport.models.paths import UnsafePathError, read_inside
 
 from . import trust
 from .base import API_VERSION, Availability, BackendError, flag
@@ -789,17 +789,9 @@ def _rel(artifact: Artifact, path: Path) -> str:
 def _read_meta(artifact: Artifact, d: Path) -> dict[str, Any] | None:
     """A build's meta.json, read through the path resolver (it comes with the artifact: untrusted data)."""
     try:
-        fd, st = open_inside(artifact.directory, _rel(artifact, d / "meta.json"), "compiled meta.json")
-    except (OSError, UnsafePathError):
+        meta = json.loads(read_inside(artifact.directory, _rel(artifact, d / "meta.json"), "meta.json", MAX_META_BYTES))
+    except (OSError, UnsafePathError, ValueError, RecursionError):
         return None
-    try:
-        if st.st_size > MAX_META_BYTES:
-            return None
-        meta = json.loads(os.pread(fd, st.st_size, 0))
-    except (ValueError, RecursionError):
-        return None
-    finally:
-        os.close(fd)
     return meta if isinstance(meta, dict) else None
 
 

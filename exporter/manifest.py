@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from moeport.models.config import ConfigError, DeepseekConfig
-from moeport.models.paths import UnsafePathError, check_name, open_inside
+from moeport.models.paths import UnsafePathError, check_name, open_inside, read_fd, read_inside
 
 FORMAT = "moeport-artifact"
 FORMAT_VERSION = 2
@@ -97,13 +97,10 @@ class OpenedFile:
         length = size - offset if length is None else length
         if offset < 0 or length < 0 or offset + length > size:
             raise ArtifactError(f"{self.path}: bytes {offset}..{offset + length} are outside the file ({size} bytes)")
-        out = bytearray()
-        while len(out) < length:
-            block = os.pread(self.fd, length - len(out), offset + len(out))
-            if not block:
-                raise ArtifactError(f"{self.path}: file shrank while being read")
-            out += block
-        return bytes(out)
+        out = read_fd(self.fd, length, offset)
+        if len(out) < length:
+            raise ArtifactError(f"{self.path}: file shrank while being read")
+        return out
 
 
 def _bad(where: str, message: str) -> ArtifactError:
@@ -588,17 +585,11 @@ def read_artifact(directory: str | Path, verify: bool = True) -> Artifact:
         raise ArtifactError(f"artifact directory not found: {d}")
     path = d / MANIFEST
     try:
-        fd, st = open_inside(d, MANIFEST, "manifest")
+        raw = read_inside(d, MANIFEST, "manifest", MAX_MANIFEST_BYTES)
     except FileNotFoundError:
         raise ArtifactError(f"{d}: not a moeport artifact (no {MANIFEST}); create one with `moeport export`") from None
     except UnsafePathError as exc:
         raise ArtifactError(f"{d}: {exc}") from exc
-    try:
-        if st.st_size > MAX_MANIFEST_BYTES:
-            raise ArtifactError(f"{path}: {st.st_size} bytes is too large for a manifest")
-        raw = OpenedFile(MANIFEST, path, fd, st).read()
-    finally:
-        os.close(fd)
     try:
         manifest = json.loads(raw)
     except (UnicodeDecodeError, ValueError, RecursionError) as exc:

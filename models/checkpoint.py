@@ -35,7 +35,7 @@ from typing import Any
 import ml_dtypes
 import numpy as np
 
-from .paths import UnsafePathError, check_name, hub_blobs, open_inside
+from .paths import UnsafePathError, check_name, hub_blobs, open_inside, read_fd, read_inside
 
 log = logging.getLogger("moeport.models")
 
@@ -141,18 +141,6 @@ def load_json_bounded(
         raise ValueError("nested too deeply") from None
     except ValueError as exc:  # JSONDecodeError, duplicate keys, constants, ints over 4300 digits
         raise ValueError(str(exc)) from None
-
-
-def read_fd(fd: int, size: int, offset: int = 0) -> bytes:
-    """``size`` bytes at ``offset`` of an open file (fewer at its end)."""
-    parts, done = [], 0
-    while done < size:
-        part = os.pread(fd, size - done, offset + done)
-        if not part:
-            break
-        parts.append(part)
-        done += len(part)
-    return b"".join(parts)
 
 
 # -- safetensors headers ---------------------------------------------------------------------------
@@ -354,13 +342,12 @@ class Checkpoint:
         raise CheckpointError(f"{d}: no model.safetensors, shards or model.safetensors.index.json found")
 
     def _read_index(self) -> dict[str, str]:
-        fd, st = self._open(INDEX_FILE, "shard index")
         try:
-            if st.st_size > _MAX_INDEX:
-                raise CheckpointError(f"{INDEX_FILE}: {st.st_size} bytes, more than {_MAX_INDEX} allowed")
-            data = read_fd(fd, st.st_size)
-        finally:
-            os.close(fd)
+            data = read_inside(self.directory, INDEX_FILE, "shard index", _MAX_INDEX, also=self._blobs)
+        except FileNotFoundError:
+            raise CheckpointError(f"{self.directory}: shard index {INDEX_FILE!r} is missing") from None
+        except UnsafePathError as exc:
+            raise CheckpointError(f"{self.directory}: {exc}") from None
         try:
             index = load_json_bounded(data)
         except ValueError as exc:

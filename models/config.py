@@ -16,13 +16,12 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from .checkpoint import load_json_bounded, read_fd, short_repr
-from .paths import UnsafePathError, hub_blobs, open_inside
+from .checkpoint import load_json_bounded, short_repr
+from .paths import UnsafePathError, hub_blobs, read_inside
 
 log = logging.getLogger("moeport.models")
 
@@ -446,19 +445,11 @@ def load_config(checkpoint_dir: str | Path) -> DeepseekConfig:
         raise ConfigError(f"checkpoint directory not found: {checkpoint_dir}")
     blobs = hub_blobs(directory)
     try:
-        fd, st = open_inside(directory, "config.json", "config", also=[blobs] if blobs else [])
+        data = read_inside(directory, "config.json", "config", MAX_CONFIG_BYTES, also=[blobs] if blobs else [])
     except FileNotFoundError:
         raise ConfigError(f"{path}: missing; a Hugging Face checkpoint needs config.json") from None
     except UnsafePathError as exc:
         raise ConfigError(f"{path}: {exc}") from None
-    except OSError as exc:
-        raise ConfigError(f"{path}: cannot open ({exc.strerror})") from None
-    try:
-        if st.st_size > MAX_CONFIG_BYTES:
-            raise ConfigError(f"{path}: {st.st_size} bytes, more than {MAX_CONFIG_BYTES} allowed for a config")
-        data = read_fd(fd, st.st_size)
-    finally:
-        os.close(fd)
     try:
         raw = load_json_bounded(data, max_depth=32, allow_nan=True)
     except ValueError as exc:

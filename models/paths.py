@@ -105,3 +105,30 @@ def _fd_path(fd: int) -> str | None:
         return os.readlink(f"/proc/self/fd/{fd}")
     except OSError:
         return None
+
+
+def read_fd(fd: int, size: int, offset: int = 0) -> bytes:
+    """``size`` bytes at ``offset`` of an open file (fewer at its end), through ``pread`` (the descriptor's
+    own offset is left alone)."""
+    parts, done = [], 0
+    while done < size:
+        part = os.pread(fd, size - done, offset + done)
+        if not part:
+            break
+        parts.append(part)
+        done += len(part)
+    return b"".join(parts)
+
+
+def read_inside(
+    root: str | Path, name: str, what: str = "file", max_bytes: int = 16 << 20, also: Sequence[Path] = ()
+) -> bytes:
+    """The whole of ``root/name`` (opened with :func:`open_inside`), refused as :class:`UnsafePathError`
+    when larger than ``max_bytes``: the small JSON files of artifacts and checkpoints, read at once."""
+    fd, st = open_inside(root, name, what, also)
+    try:
+        if st.st_size > max_bytes:
+            raise UnsafePathError(f"{what} {name!r}: {st.st_size} bytes, more than {max_bytes} allowed")
+        return read_fd(fd, st.st_size)
+    finally:
+        os.close(fd)

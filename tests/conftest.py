@@ -77,22 +77,27 @@ def write_byte_tokenizer(directory: Path, chat_template: str | None = None) -> N
     (directory / "tokenizer_config.json").write_text(json.dumps(cfg))
 
 
-@pytest.fixture(scope="session")
-def text_artifact(tmp_path_factory) -> Path:
-    """The numpy tiny model with a 258-token vocabulary and the byte-level tokenizer."""
+def byte_model(root: Path, seed: int, chat_template: str | None = None, **overrides) -> Path:
+    """The numpy ``tiny`` preset with a 258-token vocabulary and the byte-level tokenizer, exported into
+    ``root/art`` (``overrides``: more config.json fields, e.g. a longer max_position_embeddings)."""
     from moeport.exporter import export
     from moeport.tools.checkpoints import make_checkpoint
 
-    root = tmp_path_factory.mktemp("text")
     ckpt = make_checkpoint(
         root / "ckpt",
         "tiny",
-        seed=3,
-        overrides={"vocab_size": BYTE_VOCAB + 2, "eos_token_id": 257, "bos_token_id": 256},
+        seed=seed,
+        overrides={"vocab_size": BYTE_VOCAB + 2, "eos_token_id": 257, "bos_token_id": 256, **overrides},
     )
-    write_byte_tokenizer(
-        ckpt,
-        chat_template="{{ bos_token }}{% for m in messages %}[{{ m.role }}]{{ m.content }}"
-        "{% endfor %}{% if add_generation_prompt %}[assistant]{% endif %}",
-    )
+    write_byte_tokenizer(ckpt, chat_template=chat_template)
     return export(ckpt, root / "art")
+
+
+@pytest.fixture(scope="session")
+def text_artifact(tmp_path_factory) -> Path:
+    """The numpy tiny model with a 258-token vocabulary and the byte-level tokenizer."""
+    template = (
+        "{{ bos_token }}{% for m in messages %}[{{ m.role }}]{{ m.content }}"
+        "{% endfor %}{% if add_generation_prompt %}[assistant]{% endif %}"
+    )
+    return byte_model(tmp_path_factory.mktemp("text"), seed=3, chat_template=template)

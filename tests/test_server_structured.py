@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import pytest
 
@@ -15,14 +14,12 @@ pytest.importorskip("fastapi")
 openai = pytest.importorskip("openai")
 jsonschema = pytest.importorskip("jsonschema")
 
-from conftest import BYTE_VOCAB, write_byte_tokenizer  # noqa: E402
+from conftest import byte_model  # noqa: E402
 from test_server import TIMEOUT, assert_error, serving  # noqa: E402
 from test_tool_calls import DATA, PARAMETERS, TEMPLATES, TOOLS  # noqa: E402
 
-from moeport.exporter import export  # noqa: E402
 from moeport.runtime import load  # noqa: E402
 from moeport.runtime.tool_calls import V3, V31, render_chat, render_tool_calls  # noqa: E402
-from moeport.tools.checkpoints import make_checkpoint  # noqa: E402
 
 SCHEMAS = {
     "nested": {
@@ -57,27 +54,11 @@ SCHEMAS = {
 }
 
 
-def _artifact(root: Path, template: str | None) -> Path:
-    """The tiny numpy model with the byte-level tokenizer and 4096 positions (tool definitions are long
-    byte by byte) and the given chat template."""
-    ckpt = make_checkpoint(
-        root / "ckpt",
-        "tiny",
-        seed=5,
-        overrides={
-            "vocab_size": BYTE_VOCAB + 2,
-            "eos_token_id": 257,
-            "bos_token_id": 256,
-            "max_position_embeddings": 4096,
-        },
-    )
-    write_byte_tokenizer(ckpt, chat_template=template)
-    return export(ckpt, root / "art")
-
-
 @pytest.fixture(scope="module", params=[V3, V31])
 def tool_model(request, tmp_path_factory):
-    art = _artifact(tmp_path_factory.mktemp(request.param), (DATA / TEMPLATES[request.param]).read_text())
+    # 4096 positions: the tool definitions are long, byte by byte
+    template = (DATA / TEMPLATES[request.param]).read_text()
+    art = byte_model(tmp_path_factory.mktemp(request.param), 5, template, max_position_embeddings=4096)
     return request.param, load(art)
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import BYTE_VOCAB, write_byte_tokenizer
+from conftest import byte_model
 
 from moeport.runtime import load
 
@@ -68,23 +68,7 @@ def rss_bytes() -> int:
 @pytest.fixture(scope="module")
 def long_text_artifact(tmp_path_factory) -> Path:
     """The tiny model with a 16k-token context and the byte-level tokenizer (text is detokenized too)."""
-    from moeport.exporter import export
-    from moeport.tools.checkpoints import make_checkpoint
-
-    root = tmp_path_factory.mktemp("long")
-    ckpt = make_checkpoint(
-        root / "ckpt",
-        "tiny",
-        seed=4,
-        overrides={
-            "vocab_size": BYTE_VOCAB + 2,
-            "eos_token_id": 257,
-            "bos_token_id": 256,
-            "max_position_embeddings": 16384,
-        },
-    )
-    write_byte_tokenizer(ckpt)
-    return export(ckpt, root / "art")
+    return byte_model(tmp_path_factory.mktemp("long"), seed=4, max_position_embeddings=16384)
 
 
 def test_a_10k_token_generation_keeps_memory_flat(long_text_artifact):
