@@ -442,3 +442,32 @@ def test_stored_config_with_unknown_missing_or_bad_keys_is_refused(change, messa
     change(stored)
     with pytest.raises(ConfigError, match=r"^manifest.json model.config: " + message):
         DeepseekConfig.from_dict(stored)
+
+
+@pytest.mark.parametrize(
+    "preset, published, billions, digits",
+    [("v2-lite", DEEPSEEK_V2_LITE, 15.7, 1), ("moonlight", MOONLIGHT, 15.96, 2)],
+)
+def test_make_checkpoint_presets_have_the_published_shapes(preset, published, billions, digits):
+    """`moeport make-checkpoint --preset v2-lite|moonlight` builds the released models' shapes (the
+    parameter counts their model cards give), and `--layers` slices them at the same widths."""
+    from moeport.models.deepseek import expected_tensors
+    from moeport.tools.checkpoints import PRESETS
+
+    cfg, real = parse_config(PRESETS[preset]), parse_config(published)
+    shape_fields = {k: v for k, v in real.to_dict().items() if not k.startswith(("bos_token", "eos_token"))}
+    assert {k: cfg.to_dict()[k] for k in shape_fields} == shape_fields
+    total = sum(int(np.prod(s)) for s in expected_tensors(cfg).values())
+    assert round(total / 1e9, digits) == billions
+
+
+def test_make_checkpoint_layers_slices_a_preset(tmp_path):
+    import json as _json
+
+    from moeport.tools.checkpoints import make_checkpoint
+
+    out = make_checkpoint(tmp_path / "ck", "tiny", layers=2)
+    assert _json.loads((out / "config.json").read_text())["num_hidden_layers"] == 2
+    with pytest.raises(ValueError, match="--layers 9 must be between 1 and the preset's 3 layers"):
+        make_checkpoint(tmp_path / "ck2", "tiny", layers=9)
+    assert not (tmp_path / "ck2").exists()

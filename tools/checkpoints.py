@@ -103,13 +103,98 @@ PRESETS["bench"] = dict(
 )
 # the same active size with only 8 routed experts: decode time should not depend on the expert count
 PRESETS["bench-e8"] = dict(PRESETS["bench"], n_routed_experts=8, n_group=1, topk_group=1)
-PRESET_DTYPES = {"tiny": "fp32", "bench": "bf16", "bench-e8": "bf16"}
+# real 16B-class shapes, as published on the Hugging Face hub (random weights; `--layers N` keeps the
+# first N layers: the figures of issue I are reproducible at full depth or sliced)
+PRESETS["v2-lite"] = dict(  # deepseek-ai/DeepSeek-V2-Lite: 15.7B parameters, 2.4B active, 27 layers
+    model_type="deepseek_v2",
+    architectures=["DeepseekV2ForCausalLM"],
+    vocab_size=102400,
+    hidden_size=2048,
+    intermediate_size=10944,
+    moe_intermediate_size=1408,
+    num_hidden_layers=27,
+    num_attention_heads=16,
+    num_key_value_heads=16,
+    n_shared_experts=2,
+    n_routed_experts=64,
+    num_experts_per_tok=6,
+    routed_scaling_factor=1.0,
+    topk_method="greedy",
+    n_group=1,
+    topk_group=1,
+    moe_layer_freq=1,
+    first_k_dense_replace=1,
+    norm_topk_prob=False,
+    scoring_func="softmax",
+    q_lora_rank=None,
+    kv_lora_rank=512,
+    qk_nope_head_dim=128,
+    qk_rope_head_dim=64,
+    v_head_dim=128,
+    max_position_embeddings=163840,
+    rms_norm_eps=1e-6,
+    rope_theta=10000,
+    rope_scaling=dict(
+        type="yarn",
+        factor=40,
+        original_max_position_embeddings=4096,
+        beta_fast=32,
+        beta_slow=1,
+        mscale=0.707,
+        mscale_all_dim=0.707,
+    ),
+    tie_word_embeddings=False,
+    bos_token_id=100000,
+    eos_token_id=100001,
+    torch_dtype="bfloat16",
+)
+PRESETS["moonlight"] = dict(  # moonshotai/Moonlight-16B-A3B: 15.96B parameters, 2.58B active, 27 layers
+    model_type="deepseek_v3",
+    architectures=["DeepseekV3ForCausalLM"],
+    vocab_size=163840,
+    hidden_size=2048,
+    intermediate_size=11264,
+    moe_intermediate_size=1408,
+    num_hidden_layers=27,
+    num_attention_heads=16,
+    num_key_value_heads=16,
+    n_shared_experts=2,
+    n_routed_experts=64,
+    num_experts_per_tok=6,
+    routed_scaling_factor=2.446,
+    topk_method="noaux_tc",
+    n_group=1,
+    topk_group=1,
+    moe_layer_freq=1,
+    first_k_dense_replace=1,
+    norm_topk_prob=True,
+    scoring_func="sigmoid",
+    q_lora_rank=None,
+    kv_lora_rank=512,
+    qk_nope_head_dim=128,
+    qk_rope_head_dim=64,
+    v_head_dim=128,
+    max_position_embeddings=8192,
+    rms_norm_eps=1e-5,
+    rope_theta=50000.0,
+    rope_scaling=None,
+    tie_word_embeddings=False,
+    bos_token_id=163584,
+    eos_token_id=163585,
+    torch_dtype="bfloat16",
+)
+PRESET_DTYPES = {"tiny": "fp32", "bench": "bf16", "bench-e8": "bf16", "v2-lite": "bf16", "moonlight": "bf16"}
 
 _DTYPES = {"fp32": (np.float32, "F32"), "bf16": (ml_dtypes.bfloat16, "BF16"), "fp16": (np.float16, "F16")}
 
 
 def make_checkpoint(
-    out_dir: str | Path, preset: str = "tiny", seed: int = 0, dtype: str | None = None, overrides: dict | None = None
+    out_dir: str | Path,
+    preset: str = "tiny",
+    seed: int = 0,
+    dtype: str | None = None,
+    overrides: dict | None = None,
+    layers: int | None = None,
 ) -> Path:
     """Write config.json, model.safetensors and generation_config.json for ``preset`` into ``out_dir``.
 
@@ -122,6 +207,10 @@ def make_checkpoint(
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}; choose from {', '.join(PRESETS)}")
     raw = {**PRESETS[preset], **(overrides or {})}
+    if layers is not None:
+        if not 1 <= layers <= raw["num_hidden_layers"]:
+            raise ValueError(f"--layers {layers} must be between 1 and the preset's {raw['num_hidden_layers']} layers")
+        raw["num_hidden_layers"] = layers
     cfg = parse_config(raw)
     out = output_path(out_dir)
     tmp = None

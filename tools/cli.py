@@ -648,25 +648,32 @@ def inspect_cmd(artifact_dir: Path, no_verify: bool) -> None:
 @click.argument("output_dir", type=click.Path(path_type=Path))
 @click.option(
     "--preset",
-    type=click.Choice(["tiny", "bench", "bench-e8"]),
+    type=click.Choice(["tiny", "bench", "bench-e8", "v2-lite", "moonlight"]),
     default="tiny",
     show_default=True,
     help="tiny: a few hundred KB; bench: DeepSeek-V3 architecture, 0.82B params (0.14B active), bf16; "
-    "bench-e8: the same active size with 8 routed experts.",
+    "bench-e8: the same active size with 8 routed experts; v2-lite: DeepSeek-V2-Lite's shape (15.7B, "
+    "2.4B active, 31 GB bf16); moonlight: Moonlight-16B-A3B's shape (16B, 2.6B active, 32 GB bf16).",
+)
+@click.option(
+    "--layers",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Keep only the first N decoder layers of the preset (a slice of a real shape, same widths).",
 )
 @click.option("--seed", type=int, default=0, show_default=True, help="Random seed of the weights.")
 @click.option(
     "--dtype", type=click.Choice(["fp32", "bf16", "fp16"]), default=None, help="Stored dtype [default: the preset's]."
 )
-def make_checkpoint_cmd(output_dir: Path, preset: str, seed: int, dtype: str | None) -> None:
+def make_checkpoint_cmd(output_dir: Path, preset: str, seed: int, dtype: str | None, layers: int | None) -> None:
     """Write a random-weight DeepSeek-architecture checkpoint (numpy only) to OUTPUT_DIR, for tests and benchmarks."""
     from moeport.exporter.outdir import OutputError
     from moeport.tools.checkpoints import make_checkpoint
 
     t0 = time.perf_counter()
     try:  # an occupied OUTPUT_DIR is a state of the disk, not a usage error: exit 1 as `export` does
-        out = make_checkpoint(output_dir, preset, seed=seed, dtype=dtype)
-    except OutputError as exc:
+        out = make_checkpoint(output_dir, preset, seed=seed, dtype=dtype, layers=layers)
+    except (OutputError, ValueError) as exc:
         raise click.ClickException(str(exc)) from exc
     size = sum(f.stat().st_size for f in out.iterdir())
     click.echo(f"wrote {preset} checkpoint to {out} ({size / 1e6:.1f} MB) in {time.perf_counter() - t0:.1f}s")
