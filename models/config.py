@@ -10,6 +10,11 @@ A config comes from whoever published the checkpoint, so every field moeport rea
 (top-k within the experts, token ids within the vocabulary, ...). The ranges admit every released
 DeepSeek-architecture model (DeepSeek-V2/V2-Lite/V2.5/V3/R1/V3.1, Moonlight, Kimi-K2) with room to
 spare and refuse what would only exhaust memory. Keys moeport does not read are allowed.
+
+A release that ships the deepseek_v3 architecture under its own model_type (Kimi-K2's "kimi_k2") is read
+as deepseek_v3 when its ``architectures`` says so and it has no key DeepSeek-V3 lacks; the name is kept
+in ``published_model_type``. Releases of the family that are not the same maths (DeepSeek-V3.2's sparse
+attention) are refused by name with the reason, whatever model_type they claim.
 """
 
 from __future__ import annotations
@@ -26,6 +31,35 @@ from .paths import UnsafePathError, hub_blobs, read_inside
 log = logging.getLogger("moeport.models")
 
 SUPPORTED_MODEL_TYPES = ("deepseek_v3", "deepseek_v2")
+#: ``architectures`` entry of each supported model_type in DeepSeek's releases.
+ARCHITECTURES = {"DeepseekV3ForCausalLM": "deepseek_v3", "DeepseekV2ForCausalLM": "deepseek_v2"}
+#: Releases that ship the deepseek_v3 architecture under their own model_type (Kimi-K2 sets "kimi_k2"
+#: so that engines can tell it apart; its modelling code is DeepSeek-V3's). Accepted only with
+#: architectures ["DeepseekV3ForCausalLM"] and no key that DeepSeek-V3 does not have.
+ALIASED_MODEL_TYPES = {"kimi_k2": "deepseek_v3"}
+#: Keys a deepseek_v3 config.json carries: transformers' DeepseekV3Config, the keys of DeepSeek's own
+#: configuration_deepseek.py, and what every Hugging Face config has. An aliased model_type with any
+#: other key is refused, since that key may be maths moeport would not do.
+DEEPSEEK_V3_KEYS = frozenset(
+    """architectures attention_bias attention_dropout auto_map aux_loss_alpha bos_token_id dtype eos_token_id
+    ep_size first_k_dense_replace head_dim hidden_act hidden_size initializer_range intermediate_size
+    kv_lora_rank max_position_embeddings model_type moe_intermediate_size moe_layer_freq n_group
+    n_routed_experts n_shared_experts norm_topk_prob num_attention_heads num_experts_per_tok
+    num_hidden_layers num_key_value_heads num_nextn_predict_layers pad_token_id pretraining_tp q_lora_rank
+    qk_head_dim qk_nope_head_dim qk_rope_head_dim quantization_config rms_norm_eps rope_interleave
+    rope_parameters rope_scaling rope_theta routed_scaling_factor scoring_func seq_aux tie_word_embeddings
+    topk_group topk_method torch_dtype transformers_version use_cache v_head_dim vocab_size""".split()
+)
+#: DeepSeek-architecture releases that are not the same maths, refused by name with the reason.
+DIFFERENT_MATHS = {
+    "deepseek_v32": (
+        "DeepSeek-V3.2's DeepSeek Sparse Attention: a lightning indexer (index_n_heads, index_head_dim) "
+        "picks the index_topk keys each query attends to, where MLA attends to all of them; exported as "
+        "DeepSeek-V3 it would silently give different outputs"
+    ),
+}
+_DIFFERENT_ARCHITECTURES = {"DeepseekV32ForCausalLM": "deepseek_v32"}
+_DIFFERENT_KEYS = {"index_topk": "deepseek_v32", "index_n_heads": "deepseek_v32", "index_head_dim": "deepseek_v32"}
 MAX_CONFIG_BYTES = 16 * 1024 * 1024  # real configs are a few KB
 MAX_ROUTED_EXPERTS_TOTAL = 2**18  # layers x routed experts; Kimi-K2 has 61 x 384 = 23424
 
@@ -276,6 +310,7 @@ class DeepseekConfig:
     eos_token_ids: tuple[int, ...] = ()
     fp8_block_size: tuple[int, int] | None = None
     ignored_keys: tuple[str, ...] = field(default=())
+    published_model_type: str | None = None  # e.g. "kimi_k2" for the deepseek_v3 architecture under its name
 
     @property
     def qk_head_dim(self) -> int:
@@ -346,6 +381,7 @@ _STORED_BOUNDS: dict[str, Bound] = {
     "attention_bias": _BOOL,
     "scoring_func": Bound(str, choices=("sigmoid", "softmax")),
     "topk_method": Bound(str, choices=("noaux_tc", "greedy", "group_limited_greedy")),
+    "published_model_type": Bound(str, nullable=True, choices=tuple(ALIASED_MODEL_TYPES)),
 }
 _STORED_ROPE_BOUNDS: dict[str, Bound] = {
     **{f.name: ROPE_BOUNDS[f.name] for f in fields(RopeConfig) if f.name in ROPE_BOUNDS},
@@ -464,12 +500,8 @@ def parse_config(raw: dict[str, Any], source: str = "config.json") -> DeepseekCo
     that is missing, of the wrong type, out of bounds or inconsistent with the others."""
     if not isinstance(raw, dict):
         raise ConfigError(f"{source}: expected a JSON object, got {type(raw).__name__}")
-    model_type = raw.get("model_type")
-    if not isinstance(model_type, str) or model_type not in SUPPORTED_MODEL_TYPES:
-        raise ConfigError(
-            f"{source}: unsupported model_type {short_repr(model_type)}; moeport supports "
-            f"{', '.join(SUPPORTED_MODEL_TYPES)} (DeepSeek-V2/V2-Lite/V3/R1 and compatible)"
-        )
+    model_type = _architecture(raw, source)
+    published = raw["model_type"] if raw["model_type"] != model_type else None
     ignored = []
     if "auto_map" in raw:
         log.info("%s: ignoring auto_map (remote code is never executed)", source)
@@ -498,6 +530,12 @@ def parse_config(raw: dict[str, Any], source: str = "config.json") -> DeepseekCo
         raise ConfigError(f"{source}: hidden_act {cfg['hidden_act']!r} is not supported (only silu)")
     if cfg.get("attention_bias"):
         raise ConfigError(f"{source}: attention_bias=true is not supported")
+    if raw.get("moe_layer_freq", 1) not in (None, 1) or type(raw.get("moe_layer_freq", 1)) is bool:
+        # DeepSeek's modelling code makes only every moe_layer_freq-th layer MoE; transformers ignores it
+        raise ConfigError(
+            f"{source}: moe_layer_freq={short_repr(raw['moe_layer_freq'])} is not supported (every released "
+            "model has 1: every layer from first_k_dense_replace on is MoE)"
+        )
 
     n_group = cfg.get("n_group") or 1
     config = DeepseekConfig(
@@ -533,9 +571,51 @@ def parse_config(raw: dict[str, Any], source: str = "config.json") -> DeepseekCo
         eos_token_ids=eos_ids,
         fp8_block_size=fp8_block,
         ignored_keys=tuple(ignored),
+        published_model_type=published,
     )
     check_consistency(config, source)
     return config
+
+
+def _architecture(raw: dict[str, Any], source: str) -> str:
+    """The supported model_type whose maths ``raw`` describes, or a ConfigError naming why it is refused."""
+    model_type = raw.get("model_type")
+    architectures = raw.get("architectures")
+    named = list(architectures) if isinstance(architectures, list) else []
+    different = (
+        (model_type if model_type in DIFFERENT_MATHS else None)
+        or next((_DIFFERENT_ARCHITECTURES[a] for a in named if a in _DIFFERENT_ARCHITECTURES), None)
+        or next((_DIFFERENT_KEYS[k] for k in raw if k in _DIFFERENT_KEYS), None)
+    )
+    if different:
+        raise ConfigError(f"{source}: {different} is not supported: {DIFFERENT_MATHS[different]}")
+    if isinstance(model_type, str) and model_type in SUPPORTED_MODEL_TYPES:
+        if any(ARCHITECTURES.get(a, model_type) != model_type for a in named):
+            raise ConfigError(
+                f"{source}: model_type {model_type!r} with architectures {short_repr(architectures)}: "
+                "they name different architectures"
+            )
+        return model_type
+    if isinstance(model_type, str) and model_type in ALIASED_MODEL_TYPES:
+        target = ALIASED_MODEL_TYPES[model_type]
+        expected = [a for a, t in ARCHITECTURES.items() if t == target]
+        if named != expected:
+            raise ConfigError(
+                f"{source}: model_type {model_type!r} is accepted as the {target} architecture only with "
+                f"architectures {expected}, got {short_repr(architectures)}"
+            )
+        extra = sorted(k for k in raw if k not in DEEPSEEK_V3_KEYS)
+        if extra:
+            raise ConfigError(
+                f"{source}: model_type {model_type!r} has key(s) that {target} does not: "
+                f"{', '.join(map(repr, extra))[:200]} (they may be maths moeport does not do)"
+            )
+        return target
+    raise ConfigError(
+        f"{source}: unsupported model_type {short_repr(model_type)}; moeport supports "
+        f"{', '.join(SUPPORTED_MODEL_TYPES)} (DeepSeek-V2/V2-Lite/V3/R1 and compatible) and "
+        f"{', '.join(ALIASED_MODEL_TYPES)} (the deepseek_v3 architecture under another name)"
+    )
 
 
 def _rope_params(raw: dict[str, Any], source: str) -> dict[str, Any]:
