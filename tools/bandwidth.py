@@ -48,9 +48,15 @@ def active_bytes(
     counts them as the cpu backend holds them (:func:`held_bytes`), else as stored."""
     total = 0.0
     for t in stored_tensors(cfg, weights, block_size):
-        n = held_bytes(t, half_kernels, quant_kernels)[0] if as_run_on_cpu else t.nbytes
-        total += n * t.active
+        total += (read_bytes(t, half_kernels, quant_kernels) if as_run_on_cpu else t.nbytes) * t.active
     return total
+
+
+def read_bytes(t: StoredTensor, half_kernels: bool = True, quant_kernels: bool = True) -> int:
+    """Bytes of ``t`` one token reads (if it reads it whole) as the cpu backend holds it: :func:`held_bytes`,
+    except that a tied half embedding without the kernels is read through its float32 copy only."""
+    n = held_bytes(t, half_kernels, quant_kernels)[0]
+    return 2 * t.nbytes if t.use == "tied" and n == 3 * t.nbytes else n
 
 
 def active_bytes_per_token(artifact: Artifact, as_run_on_cpu: bool = True, half_kernels: bool = False) -> float:

@@ -26,7 +26,7 @@ from moeport.exporter.sizes import (
 from moeport.models.config import DeepseekConfig
 from moeport.models.deepseek import expected_tensors
 
-from .bandwidth import held_bytes, read_bandwidth
+from .bandwidth import held_bytes, read_bandwidth, read_bytes
 
 WEIGHTS = ("fp32", "fp16", "bf16", "int8", "int4")
 BACKENDS = ("cpu", "tvm", "npu", "npu-sim")
@@ -106,10 +106,15 @@ def activation_bytes(cfg: DeepseekConfig, tokens: int) -> int:
     return 4 * (tokens * (attn + max(moe, dense)) + cfg.vocab_size)
 
 
-def _held(t, backend: str, kernels: bool) -> tuple[int, bool]:
-    """(bytes held, mapped in place) of one stored tensor on ``backend``."""
+def _held(t, backend: str, kernels: bool) -> tuple[int, bool, int]:
+    """(bytes held, mapped in place, bytes a token reads if it reads it whole) of one stored tensor on ``backend``."""
     if backend == "cpu":
-        return held_bytes(t, half_kernels=kernels, quant_kernels=kernels)
+        return (*held_bytes(t, half_kernels=kernels, quant_kernels=kernels), read_bytes(t, kernels, kernels))
+    n, mapped = _held_elsewhere(t, backend)
+    return n, mapped, n
+
+
+def _held_elsewhere(t, backend: str) -> tuple[int, bool]:
     if backend == "tvm":  # constants loaded into memory: float weights as float32, quantized codes as stored
         return (t.nbytes if t.use == "quant" or t.dtype == "fp32" else 2 * t.nbytes), False
     # npu / npu-sim: half precision everywhere (quantized weights dequantized), norms and router float32
@@ -177,12 +182,12 @@ def plan(
     mapped = materialized = 0
     active = 0.0
     for t in tensors:
-        n, in_place = _held(t, backend, kernels)
+        n, in_place, read = _held(t, backend, kernels)
         if in_place:
             mapped += n
         else:
             materialized += n
-        active += n * t.active
+        active += read * t.active
     per_token = cache_bytes_per_token(config)
     cache = per_token * context * batch
     activations = activation_bytes(config, prompt) * batch
