@@ -738,7 +738,8 @@ def plan_cmd(
 ) -> None:
     """Before exporting: artifact size, resident and cache memory, whether it fits this machine, and the
     decode tok/s the memory bandwidth allows, for SOURCE: a checkpoint directory (config.json; every
-    weights choice), zoo:NAME, or an exported artifact (its manifest's real sizes)."""
+    weights choice; only config.json is read, so a plan needs no weights downloaded), zoo:NAME, or an exported
+    artifact (its manifest's real sizes)."""
     from moeport.tools.plan import PlanError, plan_source
 
     try:
