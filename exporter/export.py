@@ -32,6 +32,7 @@ from .outdir import (
     restore_interrupted_swap,
     temp_dir,
 )
+from .sizes import DEFAULT_BLOCK, QUANTIZED, free_bytes, graph_bytes_estimate, stored_tensors, weights_file_bytes
 
 log = logging.getLogger("moeport.exporter")
 
@@ -44,9 +45,7 @@ SIDE_FILES = (
     "special_tokens_map.json",
     "chat_template.jinja",
 )
-QUANTIZED = {"int8": 8, "int4": 4}
 WEIGHT_CHOICES = (*STORAGE_DTYPES, *QUANTIZED)
-DEFAULT_BLOCK = {"int8": 128, "int4": 32}
 _MAX_MANIFEST_BYTES = 16 << 20
 
 
@@ -164,6 +163,7 @@ def export(
     force: bool = False,
     progress: Callable[[int], Callable[[], None]] | None = None,
     block_size: int | None = None,
+    check_space: bool = True,
 ) -> Path:
     """Export a Hugging Face DeepSeek checkpoint (a directory, or ``zoo:NAME``) to a moeport artifact directory.
 
@@ -173,7 +173,8 @@ def export(
     directory beside ``output_dir``, fsynced, and swapped into place only when complete, under a
     lock that refuses a concurrent export to the same path. ``force`` replaces an existing moeport
     artifact, never anything else. ``progress(total)`` may return a callback called once per
-    checkpoint tensor read.
+    checkpoint tensor read. Before anything is written, the artifact's size (known from the config) is
+    checked against the free space at ``output_dir``; ``check_space=False`` tries anyway.
     """
     if weights not in WEIGHT_CHOICES:
         raise ExportError(f"--weights {weights!r} is not one of {', '.join(WEIGHT_CHOICES)}")
@@ -202,6 +203,8 @@ def export(
         max_seq_len = limit
     if not 1 <= max_seq_len <= limit:
         raise ExportError(f"--max-seq-len {max_seq_len} must be between 1 and max_position_embeddings ({limit})")
+    if check_space:
+        _check_space(cfg, weights, block_size, src, out)
 
     tmp = None
     try:
@@ -223,6 +226,27 @@ def export(
     except OSError as exc:  # disk full, permissions, I/O errors: one line naming the file
         raise ExportError(f"export to {out} failed: {describe_os_error(exc, out, tmp)}") from exc
     return out
+
+
+def artifact_bytes(cfg: DeepseekConfig, weights: str, block_size: int | None, src: Path) -> int:
+    """Bytes the artifact will take on disk: the weights file exactly, the graph at most, the copied side files."""
+    side = sum((src / n).stat().st_size for n in SIDE_FILES if (src / n).is_file())
+    return weights_file_bytes(stored_tensors(cfg, weights, block_size)) + graph_bytes_estimate(cfg) + side
+
+
+def _check_space(cfg: DeepseekConfig, weights: str, block_size: int | None, src: Path, out: Path) -> None:
+    """Refuse, before the long work, an export that would fill the disk an hour in (an artifact being
+    replaced stays until the new one is complete, so today's free space is what the new one gets)."""
+    need = artifact_bytes(cfg, weights, block_size, src)
+    try:
+        free = free_bytes(out.parent)
+    except OSError:
+        return  # the export itself reports what is wrong with the path
+    if need > free:
+        raise ExportError(
+            f"the {weights} artifact needs {need / 1e9:.2f} GB and {out.parent} has {free / 1e9:.2f} GB free; "
+            "free some space or export elsewhere (--ignore-space to try anyway)"
+        )
 
 
 def _write_artifact(

@@ -8,42 +8,61 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 
 from moeport.exporter.manifest import Artifact
+from moeport.exporter.sizes import StoredTensor, stored_tensors
+from moeport.models.config import DeepseekConfig
 
-_BYTES = {"fp32": 4.0, "fp16": 2.0, "bf16": 2.0}
+
+def held_bytes(t: StoredTensor, half_kernels: bool = True, quant_kernels: bool = True) -> tuple[int, bool]:
+    """(bytes the cpu backend holds for ``t``, whether they are the artifact's file pages, mapped in place).
+
+    Measured on the bench preset (anonymous vs file-backed RSS after a load): moeport's kernels read
+    bf16/fp16 Linear and expert weights and int8/int4 codes in place; without them ONNX Runtime widens
+    half weights to float32 (twice the bytes) and pre-packs quantized ones (a copy). The absorbed
+    ``kv_b_proj`` halves (``MatMul`` of a Cast) are always widened; float32 Linear weights are pre-packed
+    by ONNX Runtime's Gemm (a copy); the embedding (``Gather``), float32 experts, norms and router stay
+    mapped."""
+    n = t.nbytes
+    if t.dtype in ("bf16", "fp16"):
+        if t.use == "matmul" or (t.use in ("gemm", "experts") and not half_kernels):
+            return 2 * n, False
+        if t.use == "tied" and not half_kernels:  # read by the Gather as stored and by the head widened
+            return 3 * n, False
+        return n, True
+    if t.use == "quant":
+        return n, quant_kernels
+    if t.use in ("gemm", "matmul"):
+        return n, False
+    return n, True
+
+
+def active_bytes(
+    cfg: DeepseekConfig,
+    weights: str,
+    block_size: int | None = None,
+    as_run_on_cpu: bool = True,
+    half_kernels: bool = False,
+    quant_kernels: bool = True,
+) -> float:
+    """Weight bytes one decode step must read for ``cfg`` exported with ``weights``: attention, dense MLPs,
+    shared + routed top-k experts, router, norms, the output head and one embedding row. ``as_run_on_cpu``
+    counts them as the cpu backend holds them (:func:`held_bytes`), else as stored."""
+    total = 0.0
+    for t in stored_tensors(cfg, weights, block_size):
+        total += (read_bytes(t, half_kernels, quant_kernels) if as_run_on_cpu else t.nbytes) * t.active
+    return total
+
+
+def read_bytes(t: StoredTensor, half_kernels: bool = True, quant_kernels: bool = True) -> int:
+    """Bytes of ``t`` one token reads (if it reads it whole) as the cpu backend holds it: :func:`held_bytes`,
+    except that a tied half embedding without the kernels is read through its float32 copy only."""
+    n = held_bytes(t, half_kernels, quant_kernels)[0]
+    return 2 * t.nbytes if t.use == "tied" and n == 3 * t.nbytes else n
 
 
 def active_bytes_per_token(artifact: Artifact, as_run_on_cpu: bool = True, half_kernels: bool = False) -> float:
-    """Weight bytes one decode step must read: attention, dense MLPs, shared + routed top-k experts,
-    the output head and one embedding row. ``as_run_on_cpu`` counts bf16/fp16 weights as the float32
-    the cpu backend holds them in, except, with its ``half_kernels``, the Linear and expert weights its
-    kernels read as stored; quantized weights count their codes plus float32 block scales."""
-    cfg = artifact.config
+    """:func:`active_bytes` of an exported artifact (its weights dtype and block size from the manifest)."""
     w = artifact.manifest["weights"]
-    dtype = w["dtype"]
-    if dtype in ("int8", "int4"):
-        bits, block = (8 if dtype == "int8" else 4), w["block_size"]
-        linear = bits / 8 + 4 / block
-        head = max(bits, 8) / 8 + 4 / block
-        other = 4.0 if as_run_on_cpu else 2.0  # bf16 storage of the non-Linear tensors
-    else:
-        linear = head = other = 4.0 if as_run_on_cpu else _BYTES[dtype]
-        if as_run_on_cpu and half_kernels:
-            linear = head = _BYTES[dtype]
-    h, nh = cfg.hidden_size, cfg.num_attention_heads
-    attn = cfg.q_lora_rank * h + cfg.q_lora_rank * nh * cfg.qk_head_dim if cfg.q_lora_rank else h * nh * cfg.qk_head_dim
-    attn += h * cfg.latent_dim + h * nh * cfg.v_head_dim
-    absorbed = nh * cfg.qk_nope_head_dim * cfg.kv_lora_rank + nh * cfg.latent_dim * cfg.v_head_dim
-    per_expert = 3 * h * cfg.moe_intermediate_size
-    total = 0.0
-    for layer in range(cfg.num_hidden_layers):
-        total += attn * linear + absorbed * other
-        if cfg.is_moe_layer(layer):
-            total += (cfg.n_shared_experts + cfg.num_experts_per_tok) * per_expert * linear
-            total += cfg.n_routed_experts * h * 4  # router (float32)
-        else:
-            total += 3 * h * cfg.intermediate_size * linear
-    total += cfg.vocab_size * h * head + h * other
-    return total
+    return active_bytes(artifact.config, w["dtype"], w.get("block_size"), as_run_on_cpu, half_kernels)
 
 
 def read_bandwidth(threads: int = 1, megabytes: int = 1024, repeats: int = 3) -> float:

@@ -136,6 +136,7 @@ def _progress(desc: str):
 )
 @click.option("--force", is_flag=True, help="Replace OUTPUT_DIR if it is a moeport artifact (never anything else).")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
+@click.option("--ignore-space", is_flag=True, help="Export even if the artifact looks larger than the free disk space.")
 def export_cmd(
     checkpoint_dir: Path,
     output_dir: Path,
@@ -144,12 +145,17 @@ def export_cmd(
     force: bool,
     quiet: bool,
     block_size: int | None,
+    ignore_space: bool,
 ) -> None:
     """Export a Hugging Face DeepSeek CHECKPOINT_DIR (safetensors, incl. FP8) to an artifact in OUTPUT_DIR.
 
-    CHECKPOINT_DIR may also name a bundled model, e.g. zoo:tiny-reasoner.
+    CHECKPOINT_DIR may also name a bundled model, e.g. zoo:tiny-reasoner. An export larger than the free
+    disk space is refused before it starts; one too large to run in this machine's memory gets a warning.
     """
     t0 = time.perf_counter()
+    warning = _memory_warning(checkpoint_dir, weights, block_size, max_seq_len)
+    if warning:
+        click.echo(f"warning: {warning}", err=True)
     out = export(
         checkpoint_dir,
         output_dir,
@@ -158,12 +164,48 @@ def export_cmd(
         force=force,
         progress=None if quiet else _progress("exporting"),
         block_size=block_size,
+        check_space=not ignore_space,
     )
     art = read_artifact(out, verify=False)
     size = sum(f["size"] for f in art.manifest["files"].values())
     click.echo(
         f"exported {checkpoint_dir} -> {out} ({size / 1e6:.1f} MB, weights {weights}) "
         f"in {time.perf_counter() - t0:.1f}s"
+    )
+
+
+def _memory_warning(checkpoint_dir: Path, weights: str, block_size: int | None, max_seq_len: int | None) -> str:
+    """One line if the artifact will not run in this machine's memory (cheap: no bandwidth measurement);
+    empty when it will, or when the inputs are bad (the export then says what is wrong)."""
+    from moeport.models import zoo
+    from moeport.models.config import load_config
+    from moeport.tools import plan as planning
+
+    try:
+        cfg = load_config(zoo.resolve(checkpoint_dir))
+        context = min(planning.DEFAULT_CONTEXT, max_seq_len or cfg.max_position_embeddings)
+        p = planning.plan(
+            cfg,
+            weights,
+            block_size,
+            context=context,
+            prompt=min(context, 512),
+            measure_bandwidth=False,
+            machine=planning.machine_facts(),
+        )
+    except (ValueError, OSError):
+        return ""
+    if p["fits"] == "ram":
+        return ""
+    need, have = p["resident"]["total"] / 1e9, p["machine"]["mem_available"] / 1e9
+    if p["fits"] == "mapped":
+        return (
+            f"the {weights} artifact needs ~{need:.1f} GB to run and {have:.1f} GB of memory is available: it will "
+            "run memory-mapped, routed experts paged in from disk (slower; see `moeport plan`)"
+        )
+    return (
+        f"the {weights} artifact needs ~{need:.1f} GB to run and {have:.1f} GB of memory is available: it will not "
+        "run on this machine (see `moeport plan`)"
     )
 
 
@@ -644,6 +686,136 @@ def inspect_cmd(artifact_dir: Path, no_verify: bool) -> None:
             click.echo(f"  {rel:<40} {size:>12,d}  {verdict}: {decision.reason}")
 
 
+@main.command("plan")
+@click.argument("source")
+@click.option(
+    "--weights",
+    type=click.Choice(WEIGHT_CHOICES),
+    default=None,
+    help="Weights to plan for [default: every choice for a checkpoint, an artifact's own].",
+)
+@click.option(
+    "--block-size", type=int, default=None, help="With int8/int4: weights per quantization scale (as `export`)."
+)
+@click.option("--backend", default="cpu", show_default=True, help="Backend to run on (cpu, tvm, npu, npu-sim).")
+@click.option(
+    "--context",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Tokens cached per sequence [default: 4096, or less if the model's maximum is smaller].",
+)
+@click.option("--batch", type=click.IntRange(min=1), default=1, show_default=True, help="Sequences at once.")
+@click.option(
+    "--prompt",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Tokens prefilled in one call, for the activations [default: the whole context, the worst case].",
+)
+@click.option(
+    "--bandwidth",
+    type=click.FloatRange(min=0, min_open=True),
+    default=None,
+    help="Memory read bandwidth in GB/s [default: measured now, all cores, about a second].",
+)
+@click.option(
+    "--output",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="For a checkpoint: where the artifact would be written (its disk's free space) [default: .].",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON list, one object per weights choice.")
+def plan_cmd(
+    source: str,
+    weights: str | None,
+    block_size: int | None,
+    backend: str,
+    context: int | None,
+    batch: int,
+    prompt: int | None,
+    bandwidth: float | None,
+    output: Path | None,
+    as_json: bool,
+) -> None:
+    """Before exporting: artifact size, resident and cache memory, whether it fits this machine, and the
+    decode tok/s the memory bandwidth allows, for SOURCE: a checkpoint directory (config.json; every
+    weights choice; only config.json is read, so a plan needs no weights downloaded), zoo:NAME, or an exported
+    artifact (its manifest's real sizes)."""
+    from moeport.tools.plan import PlanError, plan_source
+
+    try:
+        plans = plan_source(
+            source,
+            weights,
+            block_size,
+            output=output,
+            context=context,
+            bandwidth=bandwidth * 1e9 if bandwidth else None,
+            backend=backend,
+            batch=batch,
+            prompt=prompt,
+        )
+    except PlanError as exc:
+        raise click.ClickException(str(exc)) from exc
+    if as_json:
+        click.echo(json.dumps(plans, indent=2))
+        return
+    _print_plans(source, plans)
+
+
+def _gb(n: float) -> str:
+    return f"{n / 1e9:.2f} GB"
+
+
+def _print_plans(source: str, plans: list[dict]) -> None:
+    p, mc = plans[0], plans[0]["machine"]
+    m = p["model"]
+    click.echo(
+        f"{source}: {m['model_type']}, {m['layers']} layers, hidden {m['hidden_size']}, vocab {m['vocab_size']}, "
+        f"{m['routed_experts']} routed experts (top {m['experts_per_token']}) + {m['shared_experts']} shared"
+    )
+    click.echo(f"parameters  {p['parameters'] / 1e9:.3f} B, {p['active_parameters'] / 1e9:.3f} B active per token")
+    disk = f", {_gb(mc['disk_free'])} free at {mc['disk_path']}" if mc["disk_free"] is not None else ""
+    click.echo(f"machine     {_gb(mc['mem_total'])} RAM, {_gb(mc['mem_available'])} available{disk}")
+    if p["bandwidth_bytes_per_second"]:
+        how = "measured now, all cores" if p["bandwidth_measured"] else "given"
+        click.echo(f"bandwidth   {p['bandwidth_bytes_per_second'] / 1e9:.1f} GB/s read ({how})")
+    click.echo(
+        f"cache       {p['cache_bytes_per_token']:,d} bytes/token x context {p['context']} x batch {p['batch']} = "
+        f"{_gb(p['cache_bytes'])}"
+    )
+    kernels = "with moeport's kernels" if p["kernels"] else "without moeport's kernels"
+    click.echo(
+        f"backend     {p['backend']}" + (f" ({kernels})" if p["backend"] == "cpu" else " (estimate, not measured)")
+    )
+    click.echo(
+        f"resident    = weights as held + cache + activations of a {p['prompt']}-token prefill "
+        f"+ {p['resident']['overhead'] >> 20} MiB runtime allowance"
+    )
+    click.echo("")
+    click.echo(
+        f"{'weights':<8} {'artifact':>10} {'resident':>10} {'(mapped)':>10} {'read/token':>11} {'decode <=':>12}  fits"
+    )
+    for q in plans:
+        r = q["resident"]
+        bound = q["decode_tokens_per_second_bound"]
+        bound_text = f"{bound:.1f} tok/s" if bound is not None else "-"
+        art = _gb(q["artifact_bytes"])
+        fits = {"ram": "yes", "mapped": "mapped", "no": "NO"}[q["fits"]]
+        if q["fits_disk"] is False:
+            fits += ", NO disk"
+        click.echo(
+            f"{q['weights']:<8} {art:>10} {_gb(r['total']):>10} {_gb(r['weights_mapped']):>10} "
+            f"{_gb(q['active_bytes_per_token']):>11} {bound_text:>12}  {fits}"
+        )
+    click.echo("")
+    for q in plans:
+        click.echo(f"{q['weights']}: {q['verdict']}")
+    if not plans[0]["artifact_files_measured"]:
+        click.echo(
+            "(artifact: weights file exact, graph file an upper estimate; decode bound = bandwidth / bytes read)"
+        )
+
+
 @main.command("make-checkpoint")
 @click.argument("output_dir", type=click.Path(path_type=Path))
 @click.option(
@@ -733,6 +905,11 @@ def bench_cmd(
         f"{r['decode_ms_per_token']:.1f} ms/token)"
     )
     click.echo(f"  peak RSS {r['peak_rss_mb']:.0f} MB")
+    click.echo(
+        f"  faults   {r['decode_major_faults_per_token']:.2f} major/token "
+        f"({r['decode_major_faults_per_second']:.0f}/s), {r['decode_minor_faults_per_token']:.1f} minor/token "
+        f"({r['decode_minor_faults_per_second']:.0f}/s) during decode"
+    )
     click.echo(
         f"  weights  {r['active_weight_mb_per_token']:.0f} MB read per decoded token = "
         f"{r['decode_weight_gb_per_second']:.1f} GB/s"
