@@ -1,15 +1,20 @@
 """A small ONNX graph builder whose weights stream straight into an external-data file.
 
 Nodes are added with ``b.MatMul(x, w)``-style calls that return value names. Weights are written
-to disk the moment they are added (4 KiB aligned, so backends can memory-map them), so exporting
-never holds more than one tensor of the checkpoint in memory.
+to disk the moment they are added (4 KiB aligned, so backends can memory-map them), part by part
+(a row slice, an expert), so exporting holds a few parts of the checkpoint in memory, never a whole
+tensor. Parts may be produced (read, converted, quantized) by a few threads at once, and are
+written in order.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from functools import partial
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -56,7 +61,7 @@ class WeightFile:
         self.offset = 0
         self.nbytes = 0
 
-    def _write(self, data: bytes) -> None:
+    def _write(self, data: bytes | np.ndarray) -> None:
         with naming(self.path):
             self._f.write(data)
 
@@ -71,8 +76,9 @@ class WeightFile:
         start = self.offset
         for part in parts:
             data = np.ascontiguousarray(part, dtype=dtype)
-            self._write(data.tobytes())
+            self._write(data.reshape(-1).view(np.uint8))  # the array's own bytes, not a copy
             self.offset += data.nbytes
+            del data, part
         length = self.offset - start
         if length != int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize:
             raise ValueError(f"{name}: parts do not add up to shape {shape}")
@@ -101,11 +107,34 @@ class WeightFile:
             self._f.close()
 
 
+def in_order(jobs: list[Callable[[], Any]], workers: int) -> Iterator[Any]:
+    """The jobs' results in order, computed by ``workers`` threads while the consumer uses the
+    previous result: at most ``workers + 1`` results exist at once (so memory stays bounded). A job's
+    exception is raised in its turn, and the jobs not yet started are dropped."""
+    if workers <= 1 or len(jobs) <= 1:
+        for job in jobs:
+            yield job()
+        return
+    pool = ThreadPoolExecutor(workers, thread_name_prefix="moeport-export")
+    pending: deque[Future] = deque()
+    try:
+        for job in jobs:
+            pending.append(pool.submit(job))
+            if len(pending) > workers:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
 class GraphBuilder:
     """Builds one ONNX graph; ``b.OpType(*inputs, **attrs)`` adds a node and returns its output name."""
 
-    def __init__(self, weights: WeightFile, storage: str = "fp32"):
+    def __init__(self, weights: WeightFile, storage: str = "fp32", workers: int = 1):
+        """``workers`` threads produce a tensor's parts at once (numpy releases the GIL)."""
         self.weights = weights
+        self.workers = workers
         self.storage = STORAGE_DTYPES[storage]
         self.nodes: list[onnx.NodeProto] = []
         self.initializers: list[TensorProto] = []
@@ -189,7 +218,10 @@ class GraphBuilder:
         self._names.add(name)
         dtype = np.dtype(dtype)
 
-        stored = (np.asarray(make()).astype(dtype, copy=False) for make in parts)
+        def produce(make: Callable[[], np.ndarray]) -> np.ndarray:
+            return np.ascontiguousarray(np.asarray(make()).astype(dtype, copy=False))
+
+        stored = in_order([partial(produce, make) for make in parts], self.workers)
         self.initializers.append(self.weights.write_parts(name, stored, shape, dtype))
         return name
 
