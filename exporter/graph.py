@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import contextlib
 import os
+import tempfile
+import threading
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -105,6 +107,22 @@ class WeightFile:
         """Close without raising (after a failure, when the file is deleted anyway); a no-op once closed."""
         with contextlib.suppress(OSError):
             self._f.close()
+
+
+def _pwrite_all(fd: int, data: np.ndarray, offset: int) -> None:
+    view, done = memoryview(data), 0
+    while done < len(view):
+        done += os.pwrite(fd, view[done:], offset + done)
+
+
+def _pread_all(fd: int, out: np.ndarray, offset: int) -> int:
+    view, done = memoryview(out), 0
+    while done < len(view):
+        got = os.preadv(fd, [view[done:]], offset + done)
+        if not got:
+            break
+        done += got
+    return done
 
 
 def in_order(jobs: list[Callable[[], Any]], workers: int) -> Iterator[Any]:
@@ -229,6 +247,49 @@ class GraphBuilder:
         """A node running one of moeport's own operators (registered once with its reference body)."""
         self.functions.setdefault(function.name, function)
         return self.op(function.name, *inputs, domain=function.domain)
+
+    def quantized(
+        self, name: str, parts: list[Callable[[], np.ndarray]], shape: tuple[int, ...], bits: int, block: int
+    ) -> tuple[str, str]:
+        """Store a float32 weight [..., N, K], given as consecutive row slices, block-quantized: codes
+        ``name.codes`` uint8 [..., K*bits/8], then scales ``name.scales`` float32 [..., K/block].
+
+        Each slice's codes are written as soon as it is quantized; its scales (a quarter of the codes'
+        bytes at 4 bits and block 32: too many to hold for DeepSeek-V3's experts) go to an unnamed
+        scratch file beside the weights, in order, and are copied after the codes. Quantization works
+        block by block, so the bytes do not depend on how the rows are split."""
+        *lead, k = shape
+        with naming(self.weights.path), tempfile.TemporaryFile(dir=self.weights.path.parent) as scratch:
+            fd, lock = scratch.fileno(), threading.Lock()
+            ready: dict[int, np.ndarray] = {}
+            flushed = [0, 0]  # parts and bytes written to the scratch file so far
+
+            def codes(i: int) -> np.ndarray:
+                c, s = ops.quantize_blocks(parts[i](), bits, block)
+                with lock:  # parts finish out of order: write the scales of those next in line
+                    ready[i] = s
+                    while flushed[0] in ready:
+                        data = np.ascontiguousarray(ready.pop(flushed[0]), np.float32).reshape(-1).view(np.uint8)
+                        _pwrite_all(fd, data, flushed[1])
+                        flushed[0] += 1
+                        flushed[1] += data.nbytes
+                return c
+
+            c = self.tensor(
+                name + ".codes", [partial(codes, i) for i in range(len(parts))], (*lead, k * bits // 8), np.uint8
+            )
+            total = flushed[1]
+            step = 16 << 20
+
+            def chunk(offset: int) -> np.ndarray:
+                data = np.empty(min(step, total - offset) // 4, np.float32)
+                if _pread_all(fd, data.view(np.uint8), offset) != data.nbytes:
+                    raise OSError(f"scratch file of {name}: short read")
+                return data
+
+            scales = [partial(chunk, offset) for offset in range(0, total, step)]
+            sc = self.tensor(name + ".scales", scales, (*lead, k // block), np.float32)
+        return c, sc
 
     # moeport's operators (see exporter/ops.py for their definitions)
     quantize_blocks = staticmethod(ops.quantize_blocks)

@@ -181,26 +181,8 @@ class DeepseekGraph:
     def _quantized(
         self, name: str, parts: list[Callable[[], np.ndarray]], shape: tuple[int, ...], bits: int
     ) -> tuple[str, str]:
-        """Quantize a weight [..., N, K] given as consecutive row slices: the codes of each slice are
-        written as it is quantized, the (small: 1/32 of the codes at 4 bits) scales after them."""
-        block = self.quant[1]
-        scales: list[np.ndarray | None] = [None] * len(parts)
-
-        def codes(i: int) -> np.ndarray:
-            c, scales[i] = self.b.quantize_blocks(parts[i](), bits, block)
-            return c
-
-        *lead, k = shape
-        c = self.b.tensor(
-            name + ".codes", [partial(codes, i) for i in range(len(parts))], (*lead, k * bits // 8), np.uint8
-        )
-        sc = self.b.tensor(
-            name + ".scales",
-            [partial(scales.__getitem__, i) for i in range(len(parts))],
-            (*lead, k // block),
-            np.float32,
-        )
-        return c, sc
+        """Quantize a weight [..., N, K] given as consecutive row slices (see GraphBuilder.quantized)."""
+        return self.b.quantized(name, parts, shape, bits, self.quant[1])
 
     def rms_norm(self, x: str, name: str) -> str:
         """``w * x / sqrt(mean(x^2) + eps)``, in the op pattern runtimes fuse into one RMSNorm kernel."""
