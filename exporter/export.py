@@ -7,9 +7,11 @@ import logging
 import os
 import shutil
 import stat
+import threading
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import onnx
 
 from moeport import __version__
@@ -47,6 +49,8 @@ SIDE_FILES = (
 )
 WEIGHT_CHOICES = (*STORAGE_DTYPES, *QUANTIZED)
 _MAX_MANIFEST_BYTES = 16 << 20
+SLICE_BYTES = 32 << 20  # float32 bytes of one row slice of a weight: what is read, converted, quantized at once
+WORKERS = 4  # at most this many threads (and the CPUs this process may use) produce slices at once
 
 
 class ExportError(ValueError):
@@ -161,7 +165,7 @@ def export(
     weights: str = "fp32",
     max_seq_len: int | None = None,
     force: bool = False,
-    progress: Callable[[int], Callable[[], None]] | None = None,
+    progress: Callable[[int], Callable[[int], object]] | None = None,
     block_size: int | None = None,
     check_space: bool = True,
 ) -> Path:
@@ -172,9 +176,14 @@ def export(
     dimension; other tensors are then stored as bf16). The output is written to a temporary
     directory beside ``output_dir``, fsynced, and swapped into place only when complete, under a
     lock that refuses a concurrent export to the same path. ``force`` replaces an existing moeport
-    artifact, never anything else. ``progress(total)`` may return a callback called once per
-    checkpoint tensor read. Before anything is written, the artifact's size (known from the config) is
-    checked against the free space at ``output_dir``; ``check_space=False`` tries anyway.
+    artifact, never anything else. ``progress(total)`` (``total``: the bytes of checkpoint tensors
+    the export reads) may return a callback called with the bytes of each slice read (from the
+    export's threads, one call at a time). Before anything is written, the artifact's size (known
+    from the config) is checked against the free space at ``output_dir``; ``check_space=False`` tries
+    anyway.
+
+    Every tensor is read, converted or quantized, and written in row slices of at most
+    :data:`SLICE_BYTES` (as float32), so memory does not grow with the model or any tensor in it.
     """
     if weights not in WEIGHT_CHOICES:
         raise ExportError(f"--weights {weights!r} is not one of {', '.join(WEIGHT_CHOICES)}")
@@ -215,7 +224,7 @@ def export(
             replace = _output_to_replace(out, force)
             tmp = temp_dir(out)
             try:
-                tick = progress(tensor_count(cfg)) if progress else None
+                tick = progress(bytes_to_read(cfg, ckpt)) if progress else None
                 _write_artifact(cfg, ckpt, tmp, weights, block_size, max_seq_len, ignored, src, tick)
                 publish(tmp, out, replace)
             except BaseException:
@@ -258,14 +267,15 @@ def _write_artifact(
     max_seq_len: int,
     ignored: list[str],
     src: Path,
-    tick: Callable[[], None] | None,
+    tick: Callable[[int], object] | None,
 ) -> None:
     """Write every file of the artifact into ``tmp``, each fsynced (the caller renames ``tmp`` into place)."""
     wf = WeightFile(tmp / WEIGHTS_FILE)
     try:
         quant = (QUANTIZED[weights], block_size) if weights in QUANTIZED else None
-        b = GraphBuilder(wf, storage="bf16" if quant else weights)
-        model_graph = DeepseekGraph(cfg, b, lambda n: ckpt.read(n, cfg.fp8_block_size), tick, quant=quant)
+        b = GraphBuilder(wf, storage="bf16" if quant else weights, workers=_workers())
+        source = SlicedReader(ckpt, cfg.fp8_block_size, tick)
+        model_graph = DeepseekGraph(cfg, b, source, quant=quant)
         model_graph.build()
         wf.close(sync=True)
     finally:
@@ -335,6 +345,56 @@ def _write_artifact(
         os.fsync(f.fileno())
 
 
-def tensor_count(cfg: DeepseekConfig) -> int:
-    """Tensor reads during export (for progress): every checkpoint tensor once."""
-    return len(expected_tensors(cfg))
+def _workers() -> int:
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # not Linux
+        cpus = os.cpu_count() or 1
+    return max(1, min(WORKERS, cpus))
+
+
+def bytes_to_read(cfg: DeepseekConfig, ckpt: Checkpoint) -> int:
+    """Bytes of checkpoint tensors an export reads (for progress): every tensor the model uses once,
+    with the scales of FP8 ones."""
+    total = 0
+    for name in expected_tensors(cfg):
+        total += ckpt.nbytes(name)
+        if ckpt.tensors[name].dtype == "F8_E4M3":
+            total += ckpt.nbytes(name + "_scale_inv")
+    return total
+
+
+class SlicedReader:
+    """The checkpoint as the model graph reads it: float32 row slices of at most :data:`SLICE_BYTES`.
+
+    ``advance(nbytes)`` is told the stored bytes of each slice read (an FP8 weight's scales with its
+    last slice), one call at a time from whichever thread reads."""
+
+    def __init__(
+        self, ckpt: Checkpoint, fp8_block: tuple[int, int] | None, advance: Callable[[int], object] | None = None
+    ):
+        self.ckpt, self.fp8_block = ckpt, fp8_block
+        self._advance = advance
+        self._lock = threading.Lock()
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self.ckpt.shape(name)
+
+    def slices(self, name: str, share: int = 1) -> list[tuple[int, int]]:
+        shape = self.ckpt.shape(name)
+        rows = self.ckpt.rows(name)
+        row_bytes = max(1, int(np.prod(shape[1:], dtype=np.int64)) * 4 * share)
+        step = max(1, SLICE_BYTES // row_bytes)
+        return [(start, min(rows, start + step)) for start in range(0, rows, step)] or [(0, 0)]
+
+    def read(self, name: str, start: int = 0, stop: int | None = None) -> np.ndarray:
+        rows = self.ckpt.rows(name)
+        stop = rows if stop is None else stop
+        arr = self.ckpt.read(name, self.fp8_block, start, stop)
+        if self._advance is not None:
+            nbytes = self.ckpt.nbytes(name) // max(rows, 1) * (stop - start)
+            if stop == rows and self.ckpt.tensors[name].dtype == "F8_E4M3":  # its scales with the last slice
+                nbytes += self.ckpt.nbytes(name + "_scale_inv")
+            with self._lock:
+                self._advance(nbytes)
+        return arr

@@ -1,15 +1,22 @@
 """A small ONNX graph builder whose weights stream straight into an external-data file.
 
 Nodes are added with ``b.MatMul(x, w)``-style calls that return value names. Weights are written
-to disk the moment they are added (4 KiB aligned, so backends can memory-map them), so exporting
-never holds more than one tensor of the checkpoint in memory.
+to disk the moment they are added (4 KiB aligned, so backends can memory-map them), part by part
+(a row slice, an expert), so exporting holds a few parts of the checkpoint in memory, never a whole
+tensor. Parts may be produced (read, converted, quantized) by a few threads at once, and are
+written in order.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import tempfile
+import threading
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from functools import partial
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -56,7 +63,7 @@ class WeightFile:
         self.offset = 0
         self.nbytes = 0
 
-    def _write(self, data: bytes) -> None:
+    def _write(self, data: bytes | np.ndarray) -> None:
         with naming(self.path):
             self._f.write(data)
 
@@ -71,8 +78,9 @@ class WeightFile:
         start = self.offset
         for part in parts:
             data = np.ascontiguousarray(part, dtype=dtype)
-            self._write(data.tobytes())
+            self._write(data.reshape(-1).view(np.uint8))  # the array's own bytes, not a copy
             self.offset += data.nbytes
+            del data, part
         length = self.offset - start
         if length != int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize:
             raise ValueError(f"{name}: parts do not add up to shape {shape}")
@@ -101,11 +109,50 @@ class WeightFile:
             self._f.close()
 
 
+def _pwrite_all(fd: int, data: np.ndarray, offset: int) -> None:
+    view, done = memoryview(data), 0
+    while done < len(view):
+        done += os.pwrite(fd, view[done:], offset + done)
+
+
+def _pread_all(fd: int, out: np.ndarray, offset: int) -> int:
+    view, done = memoryview(out), 0
+    while done < len(view):
+        got = os.preadv(fd, [view[done:]], offset + done)
+        if not got:
+            break
+        done += got
+    return done
+
+
+def in_order(jobs: list[Callable[[], Any]], workers: int) -> Iterator[Any]:
+    """The jobs' results in order, computed by ``workers`` threads while the consumer uses the
+    previous result: at most ``workers + 1`` results exist at once (so memory stays bounded). A job's
+    exception is raised in its turn, and the jobs not yet started are dropped."""
+    if workers <= 1 or len(jobs) <= 1:
+        for job in jobs:
+            yield job()
+        return
+    pool = ThreadPoolExecutor(workers, thread_name_prefix="moeport-export")
+    pending: deque[Future] = deque()
+    try:
+        for job in jobs:
+            pending.append(pool.submit(job))
+            if len(pending) > workers:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
 class GraphBuilder:
     """Builds one ONNX graph; ``b.OpType(*inputs, **attrs)`` adds a node and returns its output name."""
 
-    def __init__(self, weights: WeightFile, storage: str = "fp32"):
+    def __init__(self, weights: WeightFile, storage: str = "fp32", workers: int = 1):
+        """``workers`` threads produce a tensor's parts at once (numpy releases the GIL)."""
         self.weights = weights
+        self.workers = workers
         self.storage = STORAGE_DTYPES[storage]
         self.nodes: list[onnx.NodeProto] = []
         self.initializers: list[TensorProto] = []
@@ -189,7 +236,10 @@ class GraphBuilder:
         self._names.add(name)
         dtype = np.dtype(dtype)
 
-        stored = (np.asarray(make()).astype(dtype, copy=False) for make in parts)
+        def produce(make: Callable[[], np.ndarray]) -> np.ndarray:
+            return np.ascontiguousarray(np.asarray(make()).astype(dtype, copy=False))
+
+        stored = in_order([partial(produce, make) for make in parts], self.workers)
         self.initializers.append(self.weights.write_parts(name, stored, shape, dtype))
         return name
 
@@ -197,6 +247,49 @@ class GraphBuilder:
         """A node running one of moeport's own operators (registered once with its reference body)."""
         self.functions.setdefault(function.name, function)
         return self.op(function.name, *inputs, domain=function.domain)
+
+    def quantized(
+        self, name: str, parts: list[Callable[[], np.ndarray]], shape: tuple[int, ...], bits: int, block: int
+    ) -> tuple[str, str]:
+        """Store a float32 weight [..., N, K], given as consecutive row slices, block-quantized: codes
+        ``name.codes`` uint8 [..., K*bits/8], then scales ``name.scales`` float32 [..., K/block].
+
+        Each slice's codes are written as soon as it is quantized; its scales (a quarter of the codes'
+        bytes at 4 bits and block 32: too many to hold for DeepSeek-V3's experts) go to an unnamed
+        scratch file beside the weights, in order, and are copied after the codes. Quantization works
+        block by block, so the bytes do not depend on how the rows are split."""
+        *lead, k = shape
+        with naming(self.weights.path), tempfile.TemporaryFile(dir=self.weights.path.parent) as scratch:
+            fd, lock = scratch.fileno(), threading.Lock()
+            ready: dict[int, np.ndarray] = {}
+            flushed = [0, 0]  # parts and bytes written to the scratch file so far
+
+            def codes(i: int) -> np.ndarray:
+                c, s = ops.quantize_blocks(parts[i](), bits, block)
+                with lock:  # parts finish out of order: write the scales of those next in line
+                    ready[i] = s
+                    while flushed[0] in ready:
+                        data = np.ascontiguousarray(ready.pop(flushed[0]), np.float32).reshape(-1).view(np.uint8)
+                        _pwrite_all(fd, data, flushed[1])
+                        flushed[0] += 1
+                        flushed[1] += data.nbytes
+                return c
+
+            c = self.tensor(
+                name + ".codes", [partial(codes, i) for i in range(len(parts))], (*lead, k * bits // 8), np.uint8
+            )
+            total = flushed[1]
+            step = 16 << 20
+
+            def chunk(offset: int) -> np.ndarray:
+                data = np.empty(min(step, total - offset) // 4, np.float32)
+                if _pread_all(fd, data.view(np.uint8), offset) != data.nbytes:
+                    raise OSError(f"scratch file of {name}: short read")
+                return data
+
+            scales = [partial(chunk, offset) for offset in range(0, total, step)]
+            sc = self.tensor(name + ".scales", scales, (*lead, k // block), np.float32)
+        return c, sc
 
     # moeport's operators (see exporter/ops.py for their definitions)
     quantize_blocks = staticmethod(ops.quantize_blocks)

@@ -35,6 +35,7 @@ Operators (``x`` is ``[tokens, in]``):
 
 from __future__ import annotations
 
+import math
 import re
 
 import numpy as np
@@ -65,34 +66,69 @@ def top_k_constant(producer: onnx.NodeProto | None, initializers: dict[str, onnx
     return int(onnx.numpy_helper.to_array(initializers[producer.input[1]]).reshape(-1)[0])
 
 
+_SCALE_FACTORS = {4: (1.0, 0.95, 0.9, 0.85, 0.8)}  # scale candidates: f * absmax / qmax (else absmax / qmax)
+_CHUNK = 1 << 16  # values quantized at a time: a few float32 temporaries of this size stay in the L2 cache
+
+
 def quantize_blocks(w: np.ndarray, bits: int, block_size: int) -> tuple[np.ndarray, np.ndarray]:
     """Symmetric block quantization of ``w`` [..., K] along K: (uint8 codes [..., K*bits/8], scales [..., K/bs]).
 
     Each block's scale is chosen among a few candidates around absmax/qmax to minimise the squared
     error (as llama.cpp's quantizers do), which matters most at 4 bits.
+
+    Every block is quantized on its own, in float32, so quantizing any split of the rows gives the
+    same bits as quantizing the whole tensor (the exporter quantizes big tensors slice by slice). The
+    work goes a few rows at a time, in reused buffers that stay in cache.
     """
     *lead, k = w.shape
     if k % block_size:
         raise ValueError(f"in-dimension {k} is not a multiple of block size {block_size}")
     qmax = 2 ** (bits - 1) - 1
-    blocks = w.reshape(*lead, k // block_size, block_size).astype(np.float32)
-    amax = np.abs(blocks).max(axis=-1, keepdims=True)
-    amax = np.where(amax == 0, 1.0, amax)
-    best_scale, best_err = None, None
-    for f in (1.0, 0.95, 0.9, 0.85, 0.8) if bits == 4 else (1.0,):
-        scale = amax * f / qmax
-        q = np.clip(np.round(blocks / scale), -qmax - 1, qmax)
-        err = ((q * scale - blocks) ** 2).sum(axis=-1, keepdims=True)
-        if best_err is None:
-            best_scale, best_err = scale, err
+    nb = k // block_size
+    rows = math.prod(lead)
+    blocks_all = w.reshape(rows, nb, block_size)
+    codes = np.empty((rows, k * bits // 8), np.uint8)
+    scales = np.empty((rows, nb), np.float32)
+    step = max(1, _CHUNK // max(k, 1))
+    t, e = np.empty((2, min(step, rows), nb, block_size), np.float32)
+    factors = _SCALE_FACTORS.get(bits, ())
+    for r0 in range(0, rows, step):
+        n = min(rows, r0 + step) - r0
+        blocks = np.asarray(blocks_all[r0 : r0 + n], dtype=np.float32)
+        q, err_buf = t[:n], e[:n]
+        amax = np.abs(blocks).max(axis=-1, keepdims=True)
+        amax[amax == 0] = 1.0
+        best_scale, best_err = amax / qmax, None  # the only candidate unless bits has more factors
+        for f in factors:
+            scale = amax * f
+            scale /= qmax
+            _round_clip(blocks, scale, qmax, q)
+            np.multiply(q, scale, out=err_buf)
+            err_buf -= blocks
+            np.square(err_buf, out=err_buf)
+            err = err_buf.sum(axis=-1, keepdims=True)
+            if best_err is None:
+                best_scale, best_err = scale, err
+            else:
+                better = err < best_err
+                best_scale = np.where(better, scale, best_scale)
+                np.minimum(err, best_err, out=best_err)
+        _round_clip(blocks, best_scale, qmax, q)
+        q += 2 ** (bits - 1)  # small integers: exact in float32
+        c = q.reshape(n, k).astype(np.uint8)
+        if bits == 4:
+            np.bitwise_or(c[:, 0::2], c[:, 1::2] << 4, out=codes[r0 : r0 + n])
         else:
-            better = err < best_err
-            best_scale, best_err = np.where(better, scale, best_scale), np.minimum(err, best_err)
-    q = np.clip(np.round(blocks / best_scale), -qmax - 1, qmax).astype(np.int16) + 2 ** (bits - 1)
-    codes = q.reshape(*lead, k).astype(np.uint8)
-    if bits == 4:
-        codes = (codes[..., 0::2] | (codes[..., 1::2] << 4)).astype(np.uint8)
-    return codes, best_scale[..., 0].astype(np.float32)
+            codes[r0 : r0 + n] = c
+        scales[r0 : r0 + n] = best_scale[..., 0]
+    return codes.reshape(*lead, k * bits // 8), scales.reshape(*lead, nb)
+
+
+def _round_clip(blocks: np.ndarray, scale: np.ndarray, qmax: int, out: np.ndarray) -> None:
+    """``out = clip(round(blocks / scale), -qmax - 1, qmax)`` (round half to even), in place."""
+    np.divide(blocks, scale, out=out)
+    np.rint(out, out=out)
+    np.clip(out, -qmax - 1, qmax, out=out)
 
 
 def dequantize_blocks(codes: np.ndarray, scales: np.ndarray, bits: int, block_size: int) -> np.ndarray:

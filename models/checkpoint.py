@@ -1,8 +1,11 @@
 """Memory-mapped reading of Hugging Face safetensors checkpoints (one file or shards).
 
-The safetensors header is parsed here and tensors are exposed as read-only memory maps of the file
-that was opened and checked, so a tensor is read from disk only when it is used. (The ``safetensors``
-package's numpy interface has no bfloat16 or float8 dtypes, which DeepSeek releases use.)
+The safetensors header is parsed here and tensors are read from the file that was opened and checked,
+only when they are used: :meth:`Checkpoint.read` reads any rows of a tensor with ``pread`` (so an
+export holds one slice of a tensor at a time, and the file's pages stay in the kernel's page cache
+rather than in the process's resident memory), and :meth:`Checkpoint.raw` maps a whole tensor
+read-only. (The ``safetensors`` package's numpy interface has no bfloat16 or float8 dtypes, which
+DeepSeek releases use.)
 
 Checkpoints come from strangers, so everything in them is validated before it is used, and every
 problem is a :class:`CheckpointError` naming the file and the tensor:
@@ -267,7 +270,7 @@ def _close_all(fds: dict[Path, int]) -> None:
 
 
 class Checkpoint:
-    """Index of every tensor in a checkpoint directory; tensors are read lazily via mmap.
+    """Index of every tensor in a checkpoint directory; tensors are read lazily (pread, or mmap with :meth:`raw`).
 
     The weight files stay open (not re-opened by path) until :meth:`close` or garbage collection."""
 
@@ -418,33 +421,95 @@ class Checkpoint:
         arr = np.frombuffer(mapped, dtype=dtype, count=count, offset=info.start - page)
         return arr.reshape(info.shape)
 
-    def read(self, name: str, block_size: tuple[int, int] | None = None) -> np.ndarray:
-        """The tensor as float32; FP8 e4m3 weights are dequantized with their ``*_scale_inv`` blocks."""
+    def nbytes(self, name: str) -> int:
+        """The tensor's stored bytes."""
         info = self.tensors[name]
-        arr = self.raw(name)
+        return info.end - info.start
+
+    def rows(self, name: str) -> int:
+        """How many rows (entries along the first axis) a tensor has; a scalar counts as one."""
+        shape = self.tensors[name].shape
+        return shape[0] if shape else 1
+
+    def raw_rows(self, name: str, start: int, stop: int) -> np.ndarray:
+        """Rows ``[start, stop)`` of a tensor in its stored dtype, read with ``pread`` from the descriptor
+        that was opened and checked into a new array. Unlike :meth:`raw`, nothing stays mapped: the
+        file's pages are the kernel's page cache, not this process's resident memory."""
+        info = self.tensors[name]
+        rows = self.rows(name)
+        if not 0 <= start <= stop <= rows:
+            raise ValueError(f"{name}: rows [{start}, {stop}) outside [0, {rows})")
+        dtype = _DTYPES[info.dtype]
+        out = np.empty((stop - start, *info.shape[1:]) if info.shape else (), dtype)
+        if not out.size:
+            return out
+        fd = self._fds.get(info.file)
+        if fd is None:
+            raise CheckpointError(f"{info.file.name}: checkpoint was closed")
+        row_bytes = (info.end - info.start) // rows
+        buf = memoryview(out.reshape(-1).view(np.uint8))
+        at, done = info.start + start * row_bytes, 0
+        while done < len(buf):
+            got = os.preadv(fd, [buf[done:]], at + done)
+            if not got:
+                raise CheckpointError(f"{info.file.name}: file shrank after it was opened (tensor {name!r})")
+            done += got
+        return out
+
+    def read(
+        self, name: str, block_size: tuple[int, int] | None = None, start: int = 0, stop: int | None = None
+    ) -> np.ndarray:
+        """The tensor, or its rows ``[start, stop)``, as float32; FP8 e4m3 weights are dequantized with
+        their ``*_scale_inv`` blocks. Reading a tensor slice by slice gives the same values as reading
+        it whole, in memory proportional to the slice."""
+        info = self.tensors[name]
+        stop = self.rows(name) if stop is None else stop
+        arr = self.raw_rows(name, start, stop)
         if info.dtype == "F8_E4M3":
             scale_name = name + "_scale_inv"
             if scale_name not in self.tensors:
                 raise CheckpointError(f"{name}: FP8 weight without its scale tensor {scale_name!r}")
-            return dequantize_fp8(arr, self.raw(scale_name), block_size or (128, 128), name)
+            bm, bn = block_size or (128, 128)
+            scale_info = self.tensors[scale_name]
+            want = (-(-info.shape[0] // bm), -(-info.shape[1] // bn)) if len(info.shape) == 2 else None
+            if want is not None and scale_info.shape == want and stop > start:
+                scale_rows = self.raw_rows(scale_name, start // bm, -(-stop // bm))
+            else:  # dequantize_fp8 names the problem
+                scale_rows = self.raw_rows(scale_name, 0, self.rows(scale_name))
+            return dequantize_fp8(arr, scale_rows, (bm, bn), name, start, info.shape, scale_info.shape)
         out = arr.astype(np.float32)
         if not np.isfinite(out).all():
             raise CheckpointError(f"{name}: contains NaN or infinite values")
         return out
 
 
-def dequantize_fp8(weight: np.ndarray, scale_inv: np.ndarray, block: tuple[int, int], name: str) -> np.ndarray:
-    """DeepSeek block FP8: ``w[i, j] = q[i, j] * scale_inv[i // bm, j // bn]``."""
-    if weight.ndim != 2:
-        raise CheckpointError(f"{name}: FP8 block dequantization needs a 2-D weight, got {weight.shape}")
+def dequantize_fp8(
+    weight: np.ndarray,
+    scale_inv: np.ndarray,
+    block: tuple[int, int],
+    name: str,
+    start: int = 0,
+    shape: tuple[int, ...] | None = None,
+    scale_shape: tuple[int, ...] | None = None,
+) -> np.ndarray:
+    """DeepSeek block FP8: ``w[i, j] = q[i, j] * scale_inv[i // bm, j // bn]``.
+
+    ``weight`` may be the rows ``start:`` of a tensor of ``shape``; ``scale_inv`` then holds the scale
+    rows from ``start // bm`` on (``scale_shape`` is the whole scale tensor's)."""
+    shape = tuple(weight.shape) if shape is None else tuple(shape)
+    scale_shape = tuple(scale_inv.shape) if scale_shape is None else tuple(scale_shape)
+    if len(shape) != 2:
+        raise CheckpointError(f"{name}: FP8 block dequantization needs a 2-D weight, got {shape}")
     rows, cols = weight.shape
     bm, bn = block
-    want = (-(-rows // bm), -(-cols // bn))
-    if tuple(scale_inv.shape) != want:
-        raise CheckpointError(f"{name}_scale_inv: shape {tuple(scale_inv.shape)}, expected {want} for {block} blocks")
+    want = (-(-shape[0] // bm), -(-shape[1] // bn))
+    if scale_shape != want:
+        raise CheckpointError(f"{name}_scale_inv: shape {scale_shape}, expected {want} for {block} blocks")
     # gather by block index: memory in proportion to the weight, whatever the block size
-    scale = scale_inv.astype(np.float32)[np.arange(rows) // bm][:, np.arange(cols) // bn]
-    out = weight.astype(np.float32) * scale
+    first = start // bm
+    scale = scale_inv.astype(np.float32)[np.arange(start, start + rows) // bm - first][:, np.arange(cols) // bn]
+    out = weight.astype(np.float32)
+    out *= scale
     if not np.isfinite(out).all():
         raise CheckpointError(f"{name}: FP8 dequantization produced NaN or infinite values")
     return out

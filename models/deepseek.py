@@ -17,7 +17,8 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from functools import partial
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 from onnx import TensorProto
@@ -27,7 +28,20 @@ from .config import DeepseekConfig
 if TYPE_CHECKING:  # the builder lives in the exporter; models only describe the computation
     from moeport.exporter.graph import GraphBuilder
 
-Reader = Callable[[str], np.ndarray]
+
+class WeightSource(Protocol):
+    """Where the graph's weights come from: checkpoint tensors as float32, read in row slices."""
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        """The tensor's shape."""
+
+    def read(self, name: str, start: int = 0, stop: int | None = None) -> np.ndarray:
+        """Rows ``[start, stop)`` (all by default) of the tensor, as float32."""
+
+    def slices(self, name: str, share: int = 1) -> list[tuple[int, int]]:
+        """Row ranges covering the tensor, each small enough that ``share`` such float32 slices fit
+        the export's memory budget for one slice."""
+
 
 CACHE_INPUT = "past_latent.{}"
 CACHE_OUTPUT = "new_latent.{}"
@@ -132,28 +146,24 @@ class DeepseekGraph:
     """Emits the DeepSeek forward pass into a :class:`GraphBuilder`, reading weights as it goes."""
 
     def __init__(
-        self,
-        cfg: DeepseekConfig,
-        b: GraphBuilder,
-        read: Reader,
-        on_tensor: Callable[[], None] | None = None,
-        quant: tuple[int, int] | None = None,
+        self, cfg: DeepseekConfig, b: GraphBuilder, source: WeightSource, quant: tuple[int, int] | None = None
     ):
-        """``quant`` = (bits, block_size) stores every Linear's weight block-quantized (weight-only)."""
-        self.cfg, self.b, self._read = cfg, b, read
-        self._tick = on_tensor or (lambda: None)
+        """``quant`` = (bits, block_size) stores every Linear's weight block-quantized (weight-only).
+
+        Every weight is read, converted or quantized, and written in row slices (``source.slices``),
+        so memory does not grow with the size of a tensor; the artifact's bytes do not depend on how
+        the rows are split (quantization works block by block within a row)."""
+        self.cfg, self.b, self.src = cfg, b, source
         self.quant = quant
         self.unquantized: list[str] = []  # Linear weights whose in-dimension the block size does not divide
 
-    def read(self, name: str) -> np.ndarray:
-        arr = self._read(name)
-        self._tick()
-        return arr
+    def _parts(self, name: str) -> list[Callable[[], np.ndarray]]:
+        """One reader per row slice of a checkpoint tensor, in order."""
+        return [partial(self.src.read, name, start, stop) for start, stop in self.src.slices(name)]
 
     # -- building blocks ----------------------------------------------------------------------
-    def weight(self, name: str, keep_fp32: bool = False, transform=None, cast: bool = True) -> str:
-        arr = self.read(name)
-        return self.b.weight(name, transform(arr) if transform else arr, keep_fp32=keep_fp32, cast=cast)
+    def weight(self, name: str, keep_fp32: bool = False, cast: bool = True) -> str:
+        return self.b.weight_stack(name, self._parts(name), self.src.shape(name), keep_fp32=keep_fp32, cast=cast)
 
     def linear(self, x: str, name: str, min_bits: int = 0) -> str:
         """``x @ W^T`` with W in the checkpoint's [out, in] layout; x is 2-D [tokens, in]."""
@@ -161,15 +171,18 @@ class DeepseekGraph:
         if self.quant is None:
             return b.Gemm(x, self.weight(name), transB=1)
         bits, block = max(self.quant[0], min_bits), self.quant[1]
-        w = self.read(name)
-        if w.shape[1] % block:
+        shape = self.src.shape(name)
+        if shape[1] % block:
             self.unquantized.append(name)
-            return b.Gemm(x, b.weight(name, w), transB=1)
-        codes, scales = b.quantize_blocks(w, bits, block)
-        del w
-        c = b.tensor(name + ".codes", [lambda: codes], codes.shape, np.uint8)
-        sc = b.tensor(name + ".scales", [lambda: scales], scales.shape, np.float32)
-        return b.qlinear(x, c, sc, bits, block)
+            return b.Gemm(x, self.weight(name), transB=1)
+        codes, scales = self._quantized(name, self._parts(name), shape, bits)
+        return b.qlinear(x, codes, scales, bits, block)
+
+    def _quantized(
+        self, name: str, parts: list[Callable[[], np.ndarray]], shape: tuple[int, ...], bits: int
+    ) -> tuple[str, str]:
+        """Quantize a weight [..., N, K] given as consecutive row slices (see GraphBuilder.quantized)."""
+        return self.b.quantized(name, parts, shape, bits, self.quant[1])
 
     def rms_norm(self, x: str, name: str) -> str:
         """``w * x / sqrt(mean(x^2) + eps)``, in the op pattern runtimes fuse into one RMSNorm kernel."""
@@ -234,7 +247,7 @@ class DeepseekGraph:
 
         # kv_b_proj [nh*(nope+v), kvl] -> per head key part W_uk [nh, nope, kvl] and value part W_uv^T, padded
         # with zero rows for the rope dims ([nh, kvl + r, v]) so whole latent rows map straight to values
-        kv_b = self.read(a + "kv_b_proj.weight").reshape(nh, nope + v, kvl)
+        kv_b = self.src.read(a + "kv_b_proj.weight").reshape(nh, nope + v, kvl)  # small: read whole
         w_uk = b.weight(a + "kv_b_proj.weight:k", kv_b[:, :nope, :])
         uv_t = np.zeros((nh, cfg.latent_dim, v), np.float32)
         uv_t[:, :kvl, :] = kv_b[:, nope:, :].transpose(0, 2, 1)
@@ -297,16 +310,20 @@ class DeepseekGraph:
         idx, weights, _ = self.route(x, m)
         e, h, inter = cfg.n_routed_experts, cfg.hidden_size, cfg.moe_intermediate_size
 
-        def gate_up(j: int) -> np.ndarray:  # [2I, H], gate and up rows interleaved
-            gate, up = self.read(f"{m}experts.{j}.gate_proj.weight"), self.read(f"{m}experts.{j}.up_proj.weight")
-            return np.stack([gate, up], axis=1).reshape(2 * inter, h)
+        def expert(j: int, proj: str) -> str:
+            return f"{m}experts.{j}.{proj}.weight"
 
-        gu_parts = [lambda j=j: gate_up(j) for j in range(e)]
-        down_parts = [lambda j=j: self.read(f"{m}experts.{j}.down_proj.weight") for j in range(e)]
+        def gate_up(j: int, start: int, stop: int) -> np.ndarray:  # rows of [2I, H], gate and up interleaved
+            gate = self.src.read(expert(j, "gate_proj"), start, stop)
+            up = self.src.read(expert(j, "up_proj"), start, stop)
+            return np.stack([gate, up], axis=1).reshape(2 * (stop - start), h)
+
+        gu_parts = [partial(gate_up, j, *r) for j in range(e) for r in self.src.slices(expert(j, "gate_proj"), share=4)]
+        down_parts = [part for j in range(e) for part in self._parts(expert(j, "down_proj"))]
         if self.quant and h % self.quant[1] == 0 and inter % self.quant[1] == 0:
             bits, block = self.quant
-            gu = self._quantized_stack(f"{m}experts.gate_up", gu_parts, (e, 2 * inter, h))
-            down = self._quantized_stack(f"{m}experts.down", down_parts, (e, h, inter))
+            gu = self._quantized(f"{m}experts.gate_up", gu_parts, (e, 2 * inter, h), bits)
+            down = self._quantized(f"{m}experts.down", down_parts, (e, h, inter), bits)
             out = b.qmoe(x, idx, weights, *gu, *down, bits=bits, block=block)
         else:
             if self.quant:
@@ -317,21 +334,6 @@ class DeepseekGraph:
         if cfg.n_shared_experts:
             out = b.Add(out, self.mlp(x, m + "shared_experts."))
         return out
-
-    def _quantized_stack(self, name: str, parts, shape: tuple[int, int, int]) -> tuple[str, str]:
-        """Quantize [E, N, K] expert by expert: codes streamed to disk, the (small) scales written after."""
-        bits, block = self.quant
-        e, n, k = shape
-        scales: list[np.ndarray] = []
-
-        def codes(make) -> np.ndarray:
-            c, s = self.b.quantize_blocks(make(), bits, block)
-            scales.append(s)
-            return c
-
-        c = self.b.tensor(name + ".codes", [lambda mk=mk: codes(mk) for mk in parts], (e, n, k * bits // 8), np.uint8)
-        sc = self.b.tensor(name + ".scales", [lambda: np.stack(scales)], (e, n, k // block), np.float32)
-        return c, sc
 
     # -- whole model --------------------------------------------------------------------------
     def build(self) -> None:

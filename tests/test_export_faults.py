@@ -338,7 +338,7 @@ def test_a_concurrent_export_to_the_same_path_is_refused(tiny_checkpoint, tmp_pa
     started, go_on = threading.Event(), threading.Event()
 
     def progress(total: int):
-        def tick() -> None:
+        def tick(nbytes: int) -> None:
             started.set()
             assert go_on.wait(60)
 

@@ -101,10 +101,21 @@ def main(ctx: click.Context, verbose: bool, debug: bool) -> None:
 
 
 def _progress(desc: str):
+    """A progress bar in bytes (with rate and ETA) on stderr: ``start(total)`` returns ``advance(nbytes)``."""
     from tqdm import tqdm
 
     def start(total: int):
-        bar = tqdm(total=total, desc=desc, unit="tensor", file=sys.stderr, leave=False, dynamic_ncols=True)
+        bar = tqdm(
+            total=total,
+            desc=desc,
+            unit="B",
+            unit_scale=True,
+            unit_divisor=1024,
+            file=sys.stderr,
+            leave=False,
+            dynamic_ncols=True,
+            smoothing=0.05,
+        )
         return bar.update
 
     return start
