@@ -18,7 +18,9 @@ weight bytes from the artifact's external data (nothing is copied or re-quantize
 - int8 / int4 weights (``QLinear``, ``QMoE``) -> the same library's ``LinearQ8/Q4``, ``MoEQ8/Q4`` when
   it is built: they read the artifact's codes and scales in place (no pre-packed copy, so a session
   loads in a fraction of a second and holds the weights once), decode with AVX512-VNNI byte products
-  and prefill on AMX tiles; ``quant_kernels=False`` keeps ONNX Runtime's ``MatMulNBits``/``QMoE``.
+  (AVX2 machines: int16 products; 4-bit codes at accuracy level 4, the ``Q4A8`` ops, with x rounded to
+  int8 per block) and prefill on AMX tiles; ``quant_kernels=False`` keeps ONNX Runtime's
+  ``MatMulNBits``/``QMoE``.
 - ``LatentAttention`` (MLA over the latent cache) -> the same library's fused ``LatentAttention``: one
   pass over the cache for all heads with an online softmax, the cache read in place (the reference is a
   chain of a dozen small ONNX nodes per layer, each reading or writing a [heads, positions] array);
@@ -283,7 +285,9 @@ def rewrite_for_ort(
         if kind == "LatentAttention" and attention_kernels:
             new_nodes.append(helper.make_node(kind, list(n.input), list(n.output), name=n.name, domain=KERNELS_DOMAIN))
         elif kind in ("QLinear", "QMoE") and quant_kernels and bits in (4, 8):
-            op = ("Linear" if kind == "QLinear" else "MoE") + f"Q{bits}"
+            # accuracy level 4 lets 4-bit products round x to int8 per block where that is the fast path
+            # (AVX2 decode), as it lets MatMulNBits do; below 4, x keeps 15 bits as on the other paths
+            op = ("Linear" if kind == "QLinear" else "MoE") + f"Q{bits}" + ("A8" if bits == 4 and accuracy_level >= 4 else "")
             new_nodes.append(helper.make_node(op, list(n.input), list(n.output), name=n.name, domain=KERNELS_DOMAIN))
         elif kind == "QLinear":
             x, codes, scales = n.input

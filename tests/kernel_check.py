@@ -23,6 +23,8 @@ from moeport.exporter.ops import dequantize_blocks, quantize_blocks
 HALF = {16: ml_dtypes.bfloat16, 10: np.float16}
 
 
+ACT8 = 0x100  # MOEPORT_ACT8: 4-bit products that may round x to int8 per block (the *A8 ops)
+
 def _ptr(a):
     return a.ctypes.data if isinstance(a, np.ndarray) else a
 
@@ -104,7 +106,7 @@ def main(path: str) -> None:
         assert rc == -1
     # block-quantized weights (moeport's QLinear/QMoE format), against float64 on the dequantized weights;
     # (m, k, n, block) with decode and prefill row counts, every block size from 16 up
-    q_linear = q_moe = 0.0
+    q_linear = q_moe = q_a8 = 0.0
     for bits in (8, 4):
         for m, k, n, block in [
             (1, 1024, 96, 32),
@@ -115,14 +117,19 @@ def main(path: str) -> None:
             (17, 64, 96, 32),
             (33, 256, 100, 128),
             (40, 96, 33, 32),
+            (2, 4096, 6, 4096),  # one block longer than the avx2 path's int32 sums may run: flushed in parts
         ]:
             x = rng.standard_normal((m, k)).astype(np.float32)
             codes, scales = quantize_blocks(rng.standard_normal((n, k)).astype(np.float32), bits, block)
-            y = np.full((m, n), np.nan, np.float32)
-            rc = lib.moeport_linear_serial(*[_ptr(a) for a in (x, m, k, codes, scales, block, n, y, bits)])
-            assert rc == 0
             ref = x.astype(np.float64) @ dequantize_blocks(codes, scales, bits, block).astype(np.float64).T
-            q_linear = max(q_linear, _rel(y, ref))
+            for act8 in (0, ACT8) if bits == 4 else (0,):  # 4-bit codes: also with x rounded to int8 (A8 ops)
+                y = np.full((m, n), np.nan, np.float32)
+                args = (x, m, k, codes, scales, block, n, y, bits | act8)
+                assert lib.moeport_linear_serial(*[_ptr(a) for a in args]) == 0
+                if act8:
+                    q_a8 = max(q_a8, _rel(y, ref))
+                else:
+                    q_linear = max(q_linear, _rel(y, ref))
         tokens, hidden, experts, inter, k, block = 21, 64, 8, 64, 3, 32
         x = rng.standard_normal((tokens, hidden)).astype(np.float32)
         idx = np.stack([rng.choice(experts - 1, k, replace=False) for _ in range(tokens)]).astype(np.int64)
@@ -131,9 +138,14 @@ def main(path: str) -> None:
         dc, ds = quantize_blocks(rng.standard_normal((experts, hidden, inter)).astype(np.float32), bits, block)
         g, d = (dequantize_blocks(c, s, bits, block).astype(np.float64) for c, s in ((gc, gs), (dc, ds)))
         for rows in (tokens, 1, 2):  # prefill-sized experts, then decode-sized (one or two tokens)
-            rc, y = _moe(lib, x[:rows], idx[:rows], weights[:rows], gc, dc, inter, bits, err, gs, ds, block)
-            assert rc == 0, err.value
-            q_moe = max(q_moe, _rel(y, _moe_reference(x[:rows], idx[:rows], weights[:rows], g, d)))
+            want = _moe_reference(x[:rows], idx[:rows], weights[:rows], g, d)
+            for act8 in (0, ACT8) if bits == 4 else (0,):
+                rc, y = _moe(lib, x[:rows], idx[:rows], weights[:rows], gc, dc, inter, bits | act8, err, gs, ds, block)
+                assert rc == 0, err.value
+                if act8:
+                    q_a8 = max(q_a8, _rel(y, want))
+                else:
+                    q_moe = max(q_moe, _rel(y, want))
     # LatentAttention: (batch, heads, new rows, row length, cached rows, left padding of rows 1..);
     # decode with keys split in ranges (T >= 256), prefill blocks, D not a multiple of 16, padded queries
     # that may see no key at all (the reference's mean of all rows)
@@ -171,6 +183,7 @@ def main(path: str) -> None:
                 "moe_max_rel_err": worst_moe,
                 "quantized_linear_max_rel_err": q_linear,
                 "quantized_moe_max_rel_err": q_moe,
+                "quantized_int8_activations_max_rel_err": q_a8,
                 "bad_index_error": err.value.decode(),
             }
         )

@@ -44,7 +44,9 @@ def lib_path() -> Path:
 
 def _isa_paths(lib_path: Path) -> list[str]:
     best = cpu.kernels_isa(lib_path)
-    paths = ["generic"] + (["avx512"] if best.startswith("avx512") else [])
+    x86 = platform.machine() in ("x86_64", "AMD64")
+    avx2 = x86 and all(f in open("/proc/cpuinfo").read().split() for f in ("avx2", "fma", "f16c"))
+    paths = ["generic"] + (["avx2"] if avx2 else []) + (["avx512"] if best.startswith("avx512") else [])
     return paths + (["vnni"] if "vnni" in best else []) + (["amx"] if "amx" in best else [])
 
 
@@ -53,9 +55,10 @@ def test_every_code_path_matches_numpy(lib_path):
     path is chosen once per process)."""
     paths = _isa_paths(lib_path)
     if platform.machine() in ("x86_64", "AMD64"):
-        assert (
-            "avx512" in paths or "avx512" not in open("/proc/cpuinfo").read()
-        )  # the fast path is taken where it can be
+        flags = open("/proc/cpuinfo").read().split()
+        # the fast paths are taken where they can be
+        assert "avx512" in paths or "avx512f" not in flags
+        assert "avx2" in paths or "avx2" not in flags
     for isa in paths:
         env = dict(os.environ, MOEPORT_KERNELS_ISA="" if isa == "amx" else isa)
         out = subprocess.run(
@@ -63,16 +66,20 @@ def test_every_code_path_matches_numpy(lib_path):
         )
         assert out.returncode == 0, out.stderr
         report = json.loads(out.stdout.strip().splitlines()[-1])
-        want = {"generic": "generic", "avx512": "avx512", "vnni": "avx512+vnni", "amx": "avx512+vnni+amx-bf16"}
+        want = {"generic": "generic", "avx2": "avx2", "avx512": "avx512", "vnni": "avx512+vnni", "amx": "avx512+vnni+amx-bf16"}
         assert report["isa"] == want[isa], report["isa"]
         # float32 accumulation of exactly-stored weights; the AMX path splits x (and dequantized weights)
         # in bf16 hi+lo (2^-17); VNNI keeps 15 bits of x per weight block
         tol = 2e-5 if isa == "amx" else 2e-6
         assert report["linear_max_rel_err"] < tol, report
         assert report["moe_max_rel_err"] < tol, report
-        qtol = 1e-4 if isa in ("vnni", "amx") else 2e-6
+        # vnni/amx and avx2's decode keep 15 bits of x per weight block
+        qtol = 1e-4 if isa in ("vnni", "amx", "avx2") else 2e-6
         assert report["quantized_linear_max_rel_err"] < qtol, report
         assert report["quantized_moe_max_rel_err"] < qtol, report
+        # the A8 ops: on avx2, 4-bit decode rounds x to int8 per block (as llama.cpp's Q4 x Q8 products and
+        # MatMulNBits at accuracy level 4 do); other paths ignore the permission
+        assert report["quantized_int8_activations_max_rel_err"] < (3e-2 if isa == "avx2" else qtol), report
         assert report["bad_index_error"] == "expert index 9 out of range [0, 8) (token 2)", report
         assert report["attention_max_rel_err"] < 1e-5, report  # float32 sums over up to 2049 keys
 
@@ -190,7 +197,9 @@ def test_kernels_equal_the_float32_widening_path(oracle_cache, lib_path, weights
 def test_quantized_kernels_equal_the_reference_decomposition(tmp_path, lib_path, weights):
     """int8/int4 artifacts run on LinearQ*/MoEQ* (reading the stored codes, no MatMulNBits/QMoE) and
     compute what the artifact's reference functions define: a prefill-sized prompt (AMX where present),
-    then decode steps (VNNI where present); 1 thread gives the same bits as 2."""
+    then decode steps (VNNI where present); 1 thread gives the same bits as 2. At accuracy level 0 x
+    keeps 15 bits everywhere; the default (4) lets AVX2 round x to int8 for 4-bit products (Q4A8 ops,
+    checked against numpy in test_every_code_path_matches_numpy)."""
     from moeport.exporter import export
     from moeport.tools.checkpoints import make_checkpoint
 
@@ -200,14 +209,22 @@ def test_quantized_kernels_equal_the_reference_decomposition(tmp_path, lib_path,
     )
     art = export(ckpt, tmp_path / weights, weights=weights, block_size=32)
     bits = weights[-1]
-    fast = load(art, backend="cpu", threads=2)
-    one = load(art, backend="cpu", threads=1)
+    fast = load(art, backend="cpu", threads=2, accuracy_level=0)
+    one = load(art, backend="cpu", threads=1, accuracy_level=0)
     ref = load(art, backend="cpu", reference=True)
     assert fast.program.quant_kernels and not ref.program.quant_kernels
     graph = onnx.load(str(art / "model.onnx"), load_external_data=False)
-    cpu.rewrite_for_ort(graph, quant_kernels=True)
+    cpu.rewrite_for_ort(graph, quant_kernels=True, accuracy_level=0)
     ops = {n.op_type for n in graph.graph.node if n.domain == cpu.KERNELS_DOMAIN}
     assert ops == {f"LinearQ{bits}", f"MoEQ{bits}", "LinearQ8"}  # int4 artifacts keep the head at 8 bits
+    graph = onnx.load(str(art / "model.onnx"), load_external_data=False)
+    cpu.rewrite_for_ort(graph, quant_kernels=True)  # the default accuracy level, 4
+    a8 = "A8" if bits == "4" else ""
+    assert {n.op_type for n in graph.graph.node if n.domain == cpu.KERNELS_DOMAIN} == {
+        f"LinearQ{bits}{a8}",
+        f"MoEQ{bits}{a8}",
+        "LinearQ8",
+    }
     assert not [n for n in graph.graph.node if n.op_type in ("MatMulNBits", "QMoE")]
     _prefill_then_steps(fast, ref, one, seed=2, tol=2e-4)
 

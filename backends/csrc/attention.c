@@ -40,7 +40,7 @@ typedef struct {
   int64_t qb, nqb, nsplit, allowed_bstride;
   int64_t prow; /* rows of a partial result (those of a full query block) */
   float scale;
-  int avx512;
+  int avx512, avx2;
   volatile int failed;
 } AttnJob;
 
@@ -107,6 +107,53 @@ static float softmax_generic(float* s, const uint8_t* vis, int64_t nk, float* m,
   *m = mnew;
   return alpha;
 }
+
+/* ---- AVX2 kernels (the portable ones with 8-wide dot products and updates) --------------------- */
+#ifdef MOEPORT_X86
+#define AVX2 __attribute__((target("avx2,fma")))
+
+AVX2 static void scores_avx2(const float* qs, int64_t dp, const float* const* kp, int64_t nk, int64_t dim, float* sc,
+                             int64_t rows) {
+  int64_t d8 = dim & ~(int64_t)7;
+  for (int64_t r = 0; r < rows; r++)
+    for (int64_t i = 0; i < nk; i++) {
+      const float *qr = qs + r * dp, *k = kp[i];
+      __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
+      int64_t d = 0;
+      for (; d + 16 <= d8; d += 16) {
+        a0 = _mm256_fmadd_ps(_mm256_loadu_ps(qr + d), _mm256_loadu_ps(k + d), a0);
+        a1 = _mm256_fmadd_ps(_mm256_loadu_ps(qr + d + 8), _mm256_loadu_ps(k + d + 8), a1);
+      }
+      if (d < d8) a0 = _mm256_fmadd_ps(_mm256_loadu_ps(qr + d), _mm256_loadu_ps(k + d), a0);
+      a0 = _mm256_add_ps(a0, a1);
+      __m128 s4 = _mm_add_ps(_mm256_castps256_ps128(a0), _mm256_extractf128_ps(a0, 1));
+      s4 = _mm_add_ps(s4, _mm_movehl_ps(s4, s4));
+      s4 = _mm_add_ss(s4, _mm_movehdup_ps(s4));
+      float acc = _mm_cvtss_f32(s4);
+      for (d = d8; d < dim; d++) acc += qr[d] * k[d];
+      sc[r * KT + i] = acc;
+    }
+}
+
+AVX2 static void pv_avx2(const float* p, const float* alpha, const float* const* kp, int64_t nk, int64_t dim, float* o,
+                         int64_t dp, int64_t rows) {
+  int64_t d8 = dim & ~(int64_t)7;
+  for (int64_t r = 0; r < rows; r++) {
+    float* orow = o + r * dp;
+    __m256 a = _mm256_set1_ps(alpha[r]);
+    for (int64_t d = 0; d < d8; d += 8) _mm256_storeu_ps(orow + d, _mm256_mul_ps(_mm256_loadu_ps(orow + d), a));
+    for (int64_t d = d8; d < dim; d++) orow[d] *= alpha[r];
+    for (int64_t i = 0; i < nk; i++) {
+      float pr = p[r * KT + i];
+      __m256 pv = _mm256_set1_ps(pr);
+      const float* k = kp[i];
+      for (int64_t d = 0; d < d8; d += 8)
+        _mm256_storeu_ps(orow + d, _mm256_fmadd_ps(pv, _mm256_loadu_ps(k + d), _mm256_loadu_ps(orow + d)));
+      for (int64_t d = d8; d < dim; d++) orow[d] += pr * k[d];
+    }
+  }
+}
+#endif
 
 /* ---- AVX-512 kernels -------------------------------------------------------------------------- */
 #ifdef MOEPORT_X86
@@ -307,6 +354,15 @@ static void attention_item(void* data, size_t item) {
       continue;
     }
 #endif
+#ifdef MOEPORT_X86
+    if (j->avx2) {
+      scores_avx2(qs, dp, kp, nk, dim, sc, rows);
+      for (int64_t r = 0; r < rows; r++)
+        alpha[r] = softmax_generic(sc + r * KT, vis0 + (r / j->heads) * j->keys + t0, nk, m + r, l + r);
+      pv_avx2(sc, alpha, kp, nk, dim, o, dp, rows);
+      continue;
+    }
+#endif
     scores_generic(qs, dp, kp, nk, dim, sc, rows);
     for (int64_t r = 0; r < rows; r++) {
       alpha[r] = softmax_generic(sc + r * KT, vis0 + (r / j->heads) * j->keys + t0, nk, m + r, l + r);
@@ -379,6 +435,7 @@ int moeport_latent_attention(const float* q, int64_t batch, int64_t heads, int64
   j.allowed_bstride = allowed_batched ? seq * j.keys : 0;
 #ifdef MOEPORT_X86
   j.avx512 = moeport_has_avx512();
+  j.avx2 = moeport_has_avx2();
 #endif
   /* few items (decode): split the keys, at least 4 tiles per range */
   j.nsplit = 1;

@@ -314,6 +314,467 @@ GEMM_AVX512(gemm_avx512_f16, MOEPORT_FP16)
 GEMM_AVX512(gemm_avx512_q8, MOEPORT_Q8)
 GEMM_AVX512(gemm_avx512_q4, MOEPORT_Q4)
 
+/* ---- AVX2 GEMM (x86-64 without AVX-512: AMD Zen 1-3, Intel before Skylake-SP, ...) -------------
+ * The float path widens weights in registers as the AVX-512 one does, 8 at a time: tiles of MR rows
+ * of x against NR weight rows (MR x NR <= 8 accumulators of the 16 registers). Quantized decode-sized
+ * products (<= 4 rows of x, block >= 32 for int4) take an integer path instead: x is rounded per
+ * block to int16 (to 1/32383 of the block's largest value, as the VNNI path does), the codes are
+ * widened to int16 and multiplied pairwise into int32 (vpmaddwd), and each block's sum is scaled
+ * once: two-thirds fewer instructions per weight than dequantizing to float, which is what keeps a
+ * 2-core AVX2 machine at its memory bandwidth. */
+#define AVX2 __attribute__((target("avx2,fma,f16c")))
+
+AVX2 INLINE float hsum8(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+/* 8 weights [i, i + 8) of a row as float (quantized: the codes less their zero point). */
+AVX2 INLINE __m256 load_w8(const uint8_t* row, int64_t i, int dtype) {
+  if (dtype == MOEPORT_Q8) {
+    __m256i c = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i*)(row + i)));
+    return _mm256_cvtepi32_ps(_mm256_sub_epi32(c, _mm256_set1_epi32(128)));
+  }
+  if (dtype == MOEPORT_Q4) { /* 4 bytes: each byte twice, then its low nibble in even lanes, high in odd */
+    int32_t b;
+    memcpy(&b, row + i / 2, 4);
+    __m128i v = _mm_cvtsi32_si128(b);
+    __m256i c = _mm256_cvtepu8_epi32(_mm_unpacklo_epi8(v, v));
+    c = _mm256_and_si256(_mm256_srlv_epi32(c, _mm256_setr_epi32(0, 4, 0, 4, 0, 4, 0, 4)), _mm256_set1_epi32(15));
+    return _mm256_cvtepi32_ps(_mm256_sub_epi32(c, _mm256_set1_epi32(8)));
+  }
+  __m128i h = _mm_loadu_si128((const __m128i*)((const uint16_t*)row + i));
+  if (dtype == MOEPORT_BF16) return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+  return _mm256_cvtph_ps(h);
+}
+
+/* Element i of a stored row as float (the tail of half-precision rows whose k is not a multiple of 8). */
+static inline float weight1(const uint8_t* row, const float* sc, int sh, int64_t i, int dtype) {
+  if (dtype == MOEPORT_Q8) return (float)(row[i] - 128) * sc[i >> sh];
+  if (dtype == MOEPORT_Q4) return (float)(((row[i / 2] >> (4 * (i & 1))) & 15) - 8) * sc[i >> sh];
+  uint16_t h = ((const uint16_t*)row)[i];
+  return dtype == MOEPORT_BF16 ? bf16_to_f32(h) : f16_to_f32(h);
+}
+
+/* MR rows of x against NR rows of W (stored: w; or already widened: wf with row stride ldw, zero-padded
+ * to a multiple of 8). Rows of W past nr repeat row nr - 1 and are not stored. */
+AVX2 INLINE void tile_avx2(const float* x, int64_t ldx, const MoeportWeights* w, const float* wf, int64_t ldw,
+                           int64_t k, float* y, int64_t ldy, const int MR, const int NR, int nr, int dtype) {
+  __m256 acc[4][4];
+  #pragma GCC unroll 4
+  for (int m = 0; m < MR; m++)
+    #pragma GCC unroll 4
+    for (int n = 0; n < NR; n++) acc[m][n] = _mm256_setzero_ps();
+  const uint8_t* rows[4] = {NULL, NULL, NULL, NULL};
+  const float* sc[4] = {NULL, NULL, NULL, NULL};
+  int sh = w ? block_shift(w) : 0;
+  if (w)
+    #pragma GCC unroll 4
+    for (int n = 0; n < NR; n++) {
+      int r = n < nr ? n : nr - 1;
+      rows[n] = w->data + r * row_bytes(w);
+      sc[n] = row_scales(w, r);
+    }
+  int64_t k8 = w ? k & ~(int64_t)7 : (k + 7) & ~(int64_t)7;
+  int q = dtype == MOEPORT_Q4 || dtype == MOEPORT_Q8;
+  for (int64_t i = 0; i < k8; i += 8) {
+    __m256 wv[4];
+    #pragma GCC unroll 4
+    for (int n = 0; n < NR; n++) {
+      if (w) {
+        wv[n] = load_w8(rows[n], i, dtype);
+        if (q) wv[n] = _mm256_mul_ps(wv[n], _mm256_set1_ps(sc[n][i >> sh]));
+      } else {
+        wv[n] = _mm256_load_ps(wf + n * ldw + i);
+      }
+    }
+    #pragma GCC unroll 4
+    for (int m = 0; m < MR; m++) {
+      __m256 xv;
+      if (w || i + 8 <= k) {
+        xv = _mm256_loadu_ps(x + m * ldx + i);
+      } else { /* the zero-padded end of widened rows: read only x's own values */
+        float t[8] = {0};
+        memcpy(t, x + m * ldx + i, (size_t)(k - i) * sizeof(float));
+        xv = _mm256_loadu_ps(t);
+      }
+      #pragma GCC unroll 4
+      for (int n = 0; n < NR; n++) acc[m][n] = _mm256_fmadd_ps(xv, wv[n], acc[m][n]);
+    }
+  }
+  #pragma GCC unroll 4
+  for (int m = 0; m < MR; m++)
+    #pragma GCC unroll 4
+    for (int n = 0; n < NR; n++) {
+      if (n >= nr) continue;
+      float s = hsum8(acc[m][n]);
+      if (w)
+        for (int64_t i = k8; i < k; i++) s += x[m * ldx + i] * weight1(rows[n], sc[n], sh, i, dtype);
+      y[m * ldy + n] = s;
+    }
+}
+
+AVX2 INLINE void widen_rows_avx2(const MoeportWeights* w, int nr, float* dst, int64_t kp, int dtype) {
+  int sh = block_shift(w);
+  int64_t k = w->k, k8 = k & ~(int64_t)7;
+  for (int n = 0; n < nr; n++) {
+    const uint8_t* row = w->data + n * row_bytes(w);
+    const float* sc = row_scales(w, n);
+    float* d = dst + n * kp;
+    for (int64_t i = 0; i < k8; i += 8) {
+      __m256 v = load_w8(row, i, dtype);
+      if (sc) v = _mm256_mul_ps(v, _mm256_set1_ps(sc[i >> sh]));
+      _mm256_store_ps(d + i, v);
+    }
+    for (int64_t i = k8; i < kp; i++) d[i] = i < k ? weight1(row, sc, sh, i, dtype) : 0.f;
+  }
+}
+
+/* 2 rows of x or fewer: NR = 4 weight rows per pass; 3-4 rows: NR = 2 (at most 8 accumulators). */
+#define AVX2_TILE(XP, LDX, W, WF, LDW, K, YP, LDY, MR, NR, DT) tile_avx2(XP, LDX, W, WF, LDW, K, YP, LDY, MR, NR, nr, DT)
+
+AVX2 INLINE void gemm_avx2_t(const float* x, int64_t m_rows, int64_t ldx, const MoeportWeights* w0, int64_t rows,
+                             float* y, int64_t ldy, int dtype, float* scratch) {
+  int64_t k = w0->k, kp = (k + 15) & ~(int64_t)15;
+  int step = m_rows <= 2 ? 4 : 2;
+  for (int64_t n = 0; n < rows; n += step) {
+    int nr = rows - n < step ? (int)(rows - n) : step;
+    MoeportWeights wn = rows_from(w0, n);
+    if (m_rows <= 4) { /* decode-sized: stream the weights once, widening in registers */
+      switch (m_rows) {
+        case 1: AVX2_TILE(x, ldx, &wn, NULL, 0, k, y + n, ldy, 1, 4, dtype); break;
+        case 2: AVX2_TILE(x, ldx, &wn, NULL, 0, k, y + n, ldy, 2, 4, dtype); break;
+        case 3: AVX2_TILE(x, ldx, &wn, NULL, 0, k, y + n, ldy, 3, 2, dtype); break;
+        default: AVX2_TILE(x, ldx, &wn, NULL, 0, k, y + n, ldy, 4, 2, dtype); break;
+      }
+      continue;
+    }
+    /* more rows: widen these weight rows once, then reuse them for every 4 rows of x */
+    widen_rows_avx2(&wn, nr, scratch, kp, dtype);
+    int64_t m = 0;
+    for (; m + 4 <= m_rows; m += 4) AVX2_TILE(x + m * ldx, ldx, NULL, scratch, kp, k, y + m * ldy + n, ldy, 4, 2, 0);
+    switch (m_rows - m) {
+      case 1: AVX2_TILE(x + m * ldx, ldx, NULL, scratch, kp, k, y + m * ldy + n, ldy, 1, 2, 0); break;
+      case 2: AVX2_TILE(x + m * ldx, ldx, NULL, scratch, kp, k, y + m * ldy + n, ldy, 2, 2, 0); break;
+      case 3: AVX2_TILE(x + m * ldx, ldx, NULL, scratch, kp, k, y + m * ldy + n, ldy, 3, 2, 0); break;
+      default: break;
+    }
+  }
+}
+
+#define GEMM_AVX2(NAME, DTYPE)                                                                               \
+  AVX2 static void NAME(const float* x, int64_t m_rows, int64_t ldx, const MoeportWeights* w, int64_t rows, \
+                        float* y, int64_t ldy, float* scratch) {                                           \
+    gemm_avx2_t(x, m_rows, ldx, w, rows, y, ldy, DTYPE, scratch);                                          \
+  }
+GEMM_AVX2(gemm_avx2_bf16, MOEPORT_BF16)
+GEMM_AVX2(gemm_avx2_f16, MOEPORT_FP16)
+GEMM_AVX2(gemm_avx2_q8, MOEPORT_Q8)
+GEMM_AVX2(gemm_avx2_q4, MOEPORT_Q4)
+
+/* Integer decode path. A packed row of x: x scales sx [nbp] floats, zero-point terms zq [nbp] floats
+ * (zero * sx * sum of the block's int16 values), then the int16 values [kp] (kp = k rounded up to 32;
+ * with 4-bit codes each 32-value group holds its even values first, then its odd ones, the order the
+ * codes unpack to). nbp = k / block rounded up to 8. */
+#define I16_MAX 32383 /* as VNNI_MAX: x to 1/32383 of its block's largest value */
+static inline int64_t i16_nbp(int64_t k, int64_t block) { return ((k / block + 7) / 8) * 8; }
+static inline size_t i16_row_bytes(int64_t k, int64_t block) {
+  return (size_t)(8 * i16_nbp(k, block) + 2 * ((k + 31) & ~(int64_t)31));
+}
+
+static void i16_pack(const float* x, int64_t m_rows, int64_t ldx, const MoeportWeights* w, uint8_t* dst) {
+  int64_t k = w->k, bs = w->block, nb = k / bs, nbp = i16_nbp(k, bs);
+  int zero = w->dtype == MOEPORT_Q4 ? 8 : 128;
+  for (int64_t m = 0; m < m_rows; m++) {
+    uint8_t* row = dst + m * i16_row_bytes(k, bs);
+    memset(row, 0, i16_row_bytes(k, bs));
+    float* sxs = (float*)row;
+    float* zq = sxs + nbp;
+    int16_t* qv = (int16_t*)(zq + nbp);
+    const float* xr = x + m * ldx;
+    for (int64_t b = 0; b < nb; b++) {
+      float amax = 0.f;
+      for (int64_t i = b * bs; i < (b + 1) * bs; i++) amax = fmaxf(amax, fabsf(xr[i]));
+      float inv = amax > 0.f ? I16_MAX / amax : 0.f;
+      int64_t sum = 0;
+      for (int64_t i = b * bs; i < (b + 1) * bs; i++) {
+        long q = lrintf(xr[i] * inv);
+        q = q > I16_MAX ? I16_MAX : q < -I16_MAX ? -I16_MAX : q;
+        int64_t pos = w->dtype == MOEPORT_Q4 ? (i & ~(int64_t)31) + (i & 1) * 16 + (i & 31) / 2 : i;
+        qv[pos] = (int16_t)q;
+        sum += q;
+      }
+      sxs[b] = amax / I16_MAX;
+      zq[b] = (float)zero * sxs[b] * (float)sum;
+    }
+  }
+}
+
+/* MR packed rows of x against NR weight rows (rows past nr repeat row nr - 1 and are not stored). */
+AVX2 INLINE void i16_tile(const uint8_t* px, int64_t ldp, const MoeportWeights* w, float* y, int64_t ldy,
+                          const int MR, const int NR, int nr, int dtype) {
+  int64_t k = w->k, bs = w->block, nb = k / bs, nbp = i16_nbp(k, bs);
+  const uint8_t* rows[4];
+  const float* sc[4];
+  #pragma GCC unroll 4
+  for (int n = 0; n < NR; n++) {
+    int r = n < nr ? n : nr - 1;
+    rows[n] = w->data + r * row_bytes(w);
+    sc[n] = w->scales + r * nb;
+  }
+  const float* sx[4];
+  const int16_t* qx[4];
+  #pragma GCC unroll 4
+  for (int m = 0; m < MR; m++) {
+    sx[m] = (const float*)(px + m * ldp);
+    qx[m] = (const int16_t*)(sx[m] + 2 * nbp);
+  }
+  /* int32 sums overflow past 2^31 / (255 * 32383 * 2) = 130 vpmaddwd steps: flush to float every 2048 values */
+  int64_t chunk = bs < 2048 ? bs : 2048;
+  const __m256i low4 = _mm256_set1_epi8(15);
+  __m256 acc[4][4];
+  #pragma GCC unroll 4
+  for (int m = 0; m < MR; m++)
+    #pragma GCC unroll 4
+    for (int n = 0; n < NR; n++) acc[m][n] = _mm256_setzero_ps();
+  for (int64_t c0 = 0, b = 0; c0 < k; c0 += chunk, b += (c0 & (bs - 1)) == 0) { /* bs: a power of two */
+    __m256i ai[4][4];
+    #pragma GCC unroll 4
+    for (int m = 0; m < MR; m++)
+      #pragma GCC unroll 4
+      for (int n = 0; n < NR; n++) ai[m][n] = _mm256_setzero_si256();
+    if (dtype == MOEPORT_Q8) {
+      for (int64_t i = c0; i < c0 + chunk; i += 16) {
+        __m256i cv[4];
+        #pragma GCC unroll 4
+        for (int n = 0; n < NR; n++) cv[n] = _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i*)(rows[n] + i)));
+        #pragma GCC unroll 4
+        for (int m = 0; m < MR; m++) {
+          __m256i xv = _mm256_load_si256((const __m256i*)(qx[m] + i));
+          #pragma GCC unroll 4
+          for (int n = 0; n < NR; n++) ai[m][n] = _mm256_add_epi32(ai[m][n], _mm256_madd_epi16(cv[n], xv));
+        }
+      }
+    } else {
+      for (int64_t i = c0; i < c0 + chunk; i += 32) {
+        __m256i lo[4], hi[4];
+        #pragma GCC unroll 4
+        for (int n = 0; n < NR; n++) {
+          __m128i bytes = _mm_loadu_si128((const __m128i*)(rows[n] + i / 2));
+          lo[n] = _mm256_cvtepu8_epi16(_mm_and_si128(bytes, _mm256_castsi256_si128(low4)));
+          hi[n] = _mm256_cvtepu8_epi16(_mm_and_si128(_mm_srli_epi16(bytes, 4), _mm256_castsi256_si128(low4)));
+        }
+        #pragma GCC unroll 4
+        for (int m = 0; m < MR; m++) {
+          __m256i xe = _mm256_load_si256((const __m256i*)(qx[m] + i));
+          __m256i xo = _mm256_load_si256((const __m256i*)(qx[m] + i + 16));
+          #pragma GCC unroll 4
+          for (int n = 0; n < NR; n++)
+            ai[m][n] = _mm256_add_epi32(ai[m][n],
+                                        _mm256_add_epi32(_mm256_madd_epi16(lo[n], xe), _mm256_madd_epi16(hi[n], xo)));
+        }
+      }
+    }
+    #pragma GCC unroll 4
+    for (int m = 0; m < MR; m++)
+      #pragma GCC unroll 4
+      for (int n = 0; n < NR; n++)
+        acc[m][n] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(ai[m][n]), _mm256_set1_ps(sc[n][b] * sx[m][b]), acc[m][n]);
+  }
+  #pragma GCC unroll 4
+  for (int m = 0; m < MR; m++) {
+    const float* zq = sx[m] + nbp;
+    #pragma GCC unroll 4
+    for (int n = 0; n < NR; n++) {
+      if (n >= nr) continue;
+      __m256 corr = _mm256_setzero_ps();
+      int64_t b = 0;
+      for (; b + 8 <= nb; b += 8) corr = _mm256_fmadd_ps(_mm256_loadu_ps(sc[n] + b), _mm256_loadu_ps(zq + b), corr);
+      float c = hsum8(corr);
+      for (; b < nb; b++) c += sc[n][b] * zq[b];
+      y[m * ldy + n] = hsum8(acc[m][n]) - c;
+    }
+  }
+}
+
+AVX2 INLINE void gemm_i16_t(const uint8_t* px, int64_t m_rows, const MoeportWeights* w0, int64_t rows, float* y,
+                            int64_t ldy, int dtype) {
+  int64_t ldp = (int64_t)i16_row_bytes(w0->k, w0->block);
+  int step = m_rows == 1 ? 4 : m_rows == 2 ? 2 : 1;
+  for (int64_t n = 0; n < rows; n += step) {
+    int nr = rows - n < step ? (int)(rows - n) : step;
+    MoeportWeights wn = rows_from(w0, n);
+    switch (m_rows) {
+      case 1: i16_tile(px, ldp, &wn, y + n, ldy, 1, 4, nr, dtype); break;
+      case 2: i16_tile(px, ldp, &wn, y + n, ldy, 2, 2, nr, dtype); break;
+      case 3: i16_tile(px, ldp, &wn, y + n, ldy, 3, 1, nr, dtype); break;
+      default: i16_tile(px, ldp, &wn, y + n, ldy, 4, 1, nr, dtype); break;
+    }
+  }
+}
+
+AVX2 static void gemm_i16(const uint8_t* px, int64_t m_rows, const MoeportWeights* w, int64_t rows, float* y,
+                          int64_t ldy) {
+  if (w->dtype == MOEPORT_Q8)
+    gemm_i16_t(px, m_rows, w, rows, y, ldy, MOEPORT_Q8);
+  else
+    gemm_i16_t(px, m_rows, w, rows, y, ldy, MOEPORT_Q4);
+}
+
+/* 4-bit decode with x rounded to int8 per block (as llama.cpp's Q4 x Q8 dot products and ONNX Runtime's
+ * MatMulNBits at accuracy level 4 do): 64 codes per 32-byte load, multiplied as unsigned bytes by signed
+ * bytes into int16 pairs (vpmaddubsw: 15 * 127 * 2 cannot saturate), then summed into int32. Half the
+ * instructions per weight of the int16 path, which keeps two AVX2 cores at the memory's bandwidth; x
+ * loses precision only to 1/254 of its block's largest value, against the int4 weights' 1/15. A packed
+ * row: sx [nbp] floats, zq [nbp] floats, then the int8 values [kp] (kp = k rounded up to 64), each
+ * 64-value group holding its even values first, then its odd ones. Blocks of 32 or of 64 and more. */
+static inline size_t i8_row_bytes(int64_t k, int64_t block) {
+  return (size_t)(8 * i16_nbp(k, block) + ((k + 63) & ~(int64_t)63));
+}
+
+static void i8_pack(const float* x, int64_t m_rows, int64_t ldx, const MoeportWeights* w, uint8_t* dst) {
+  int64_t k = w->k, bs = w->block, nb = k / bs, nbp = i16_nbp(k, bs);
+  for (int64_t m = 0; m < m_rows; m++) {
+    uint8_t* row = dst + m * i8_row_bytes(k, bs);
+    memset(row, 0, i8_row_bytes(k, bs));
+    float* sxs = (float*)row;
+    float* zq = sxs + nbp;
+    int8_t* qv = (int8_t*)(zq + nbp);
+    const float* xr = x + m * ldx;
+    for (int64_t b = 0; b < nb; b++) {
+      float amax = 0.f;
+      for (int64_t i = b * bs; i < (b + 1) * bs; i++) amax = fmaxf(amax, fabsf(xr[i]));
+      float inv = amax > 0.f ? 127.f / amax : 0.f;
+      int64_t sum = 0;
+      for (int64_t i = b * bs; i < (b + 1) * bs; i++) {
+        long q = lrintf(xr[i] * inv);
+        q = q > 127 ? 127 : q < -127 ? -127 : q;
+        qv[(i & ~(int64_t)63) + (i & 1) * 32 + (i & 63) / 2] = (int8_t)q;
+        sum += q;
+      }
+      sxs[b] = amax / 127.f;
+      zq[b] = 8.f * sxs[b] * (float)sum;
+    }
+  }
+}
+
+/* MR packed rows of x against NR rows of 4-bit weights (rows past nr repeat row nr - 1, not stored). */
+AVX2 INLINE void i8_tile(const uint8_t* px, int64_t ldp, const MoeportWeights* w, float* y, int64_t ldy, const int MR,
+                         const int NR, int nr) {
+  int64_t k = w->k, bs = w->block, nb = k / bs, nbp = i16_nbp(k, bs);
+  const uint8_t* rows[4];
+  const float* sc[4];
+#pragma GCC unroll 4
+  for (int n = 0; n < NR; n++) {
+    int r = n < nr ? n : nr - 1;
+    rows[n] = w->data + r * row_bytes(w);
+    sc[n] = w->scales + r * nb;
+  }
+  const float* sx[4];
+  const int8_t* qx[4];
+#pragma GCC unroll 4
+  for (int m = 0; m < MR; m++) {
+    sx[m] = (const float*)(px + m * ldp);
+    qx[m] = (const int8_t*)(sx[m] + 2 * nbp);
+  }
+  const __m256i low4 = _mm256_set1_epi8(15);
+  const __m256i ones = _mm256_set1_epi16(1);
+  const __m256i halves = _mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1);
+  __m256 acc[4][4];
+#pragma GCC unroll 4
+  for (int m = 0; m < MR; m++)
+#pragma GCC unroll 4
+    for (int n = 0; n < NR; n++) acc[m][n] = _mm256_setzero_ps();
+  /* one 64-value group: int32 sums of [MR][NR], low 4 lanes from its first 32 values, high 4 the rest */
+#define I8_GROUP(I, AI)                                                                                            \
+  do {                                                                                                             \
+    __m256i c_lo[4], c_hi[4];                                                                                      \
+    _Pragma("GCC unroll 4") for (int n = 0; n < NR; n++) {                                                        \
+      __m256i bytes = _mm256_loadu_si256((const __m256i*)(rows[n] + (I) / 2));                                    \
+      c_lo[n] = _mm256_and_si256(bytes, low4);                                                                     \
+      c_hi[n] = _mm256_and_si256(_mm256_srli_epi16(bytes, 4), low4);                                               \
+    }                                                                                                              \
+    _Pragma("GCC unroll 4") for (int m = 0; m < MR; m++) {                                                        \
+      __m256i xe = _mm256_load_si256((const __m256i*)(qx[m] + (I)));                                              \
+      __m256i xo = _mm256_load_si256((const __m256i*)(qx[m] + (I) + 32));                                         \
+      _Pragma("GCC unroll 4") for (int n = 0; n < NR; n++) {                                                      \
+        __m256i p = _mm256_add_epi16(_mm256_maddubs_epi16(c_lo[n], xe), _mm256_maddubs_epi16(c_hi[n], xo));       \
+        AI[m][n] = _mm256_madd_epi16(p, ones);                                                                     \
+      }                                                                                                            \
+    }                                                                                                              \
+  } while (0)
+  if (bs == 32) { /* each group spans two blocks: scale its halves by their own block's scales */
+    for (int64_t i = 0; i < k; i += 64) {
+      __m256i ai[4][4];
+      I8_GROUP(i, ai);
+      int64_t b = i >> 5;
+#pragma GCC unroll 4
+      for (int m = 0; m < MR; m++) {
+        __m256 sxm = _mm256_permutevar8x32_ps(_mm256_castps128_ps256(_mm_castsi128_ps(_mm_loadl_epi64((const __m128i*)(sx[m] + b)))), halves);
+#pragma GCC unroll 4
+        for (int n = 0; n < NR; n++) {
+          __m256 swn = _mm256_permutevar8x32_ps(_mm256_castps128_ps256(_mm_castsi128_ps(_mm_loadl_epi64((const __m128i*)(sc[n] + b)))), halves);
+          acc[m][n] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(ai[m][n]), _mm256_mul_ps(sxm, swn), acc[m][n]);
+        }
+      }
+    }
+  } else { /* blocks of 64 values or more: sum a block's groups in int32, then scale once */
+    for (int64_t b = 0; b < nb; b++) {
+      __m256i sum[4][4];
+#pragma GCC unroll 4
+      for (int m = 0; m < MR; m++)
+#pragma GCC unroll 4
+        for (int n = 0; n < NR; n++) sum[m][n] = _mm256_setzero_si256();
+      for (int64_t i = b * bs; i < (b + 1) * bs; i += 64) {
+        __m256i ai[4][4];
+        I8_GROUP(i, ai);
+#pragma GCC unroll 4
+        for (int m = 0; m < MR; m++)
+#pragma GCC unroll 4
+          for (int n = 0; n < NR; n++) sum[m][n] = _mm256_add_epi32(sum[m][n], ai[m][n]);
+      }
+#pragma GCC unroll 4
+      for (int m = 0; m < MR; m++)
+#pragma GCC unroll 4
+        for (int n = 0; n < NR; n++)
+          acc[m][n] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sum[m][n]), _mm256_set1_ps(sc[n][b] * sx[m][b]), acc[m][n]);
+    }
+  }
+#undef I8_GROUP
+#pragma GCC unroll 4
+  for (int m = 0; m < MR; m++) {
+    const float* zq = sx[m] + nbp;
+#pragma GCC unroll 4
+    for (int n = 0; n < NR; n++) {
+      if (n >= nr) continue;
+      __m256 corr = _mm256_setzero_ps();
+      int64_t b = 0;
+      for (; b + 8 <= nb; b += 8) corr = _mm256_fmadd_ps(_mm256_loadu_ps(sc[n] + b), _mm256_loadu_ps(zq + b), corr);
+      float c = hsum8(corr);
+      for (; b < nb; b++) c += sc[n][b] * zq[b];
+      y[m * ldy + n] = hsum8(acc[m][n]) - c;
+    }
+  }
+}
+
+AVX2 static void gemm_i8(const uint8_t* px, int64_t m_rows, const MoeportWeights* w0, int64_t rows, float* y,
+                         int64_t ldy) {
+  int64_t ldp = (int64_t)i8_row_bytes(w0->k, w0->block);
+  int step = m_rows == 1 ? 4 : 2;
+  for (int64_t n = 0; n < rows; n += step) {
+    int nr = rows - n < step ? (int)(rows - n) : step;
+    MoeportWeights wn = rows_from(w0, n);
+    switch (m_rows) {
+      case 1: i8_tile(px, ldp, &wn, y + n, ldy, 1, 4, nr); break;
+      case 2: i8_tile(px, ldp, &wn, y + n, ldy, 2, 2, nr); break;
+      case 3: i8_tile(px, ldp, &wn, y + n, ldy, 3, 2, nr); break;
+      default: i8_tile(px, ldp, &wn, y + n, ldy, 4, 2, nr); break;
+    }
+  }
+}
+
 /* ---- AMX-BF16 GEMM (Sapphire Rapids and later) -----------------------------------------------
  * Tiles compute y^T: A = 16 weight rows x 32 k (bf16, copied into tile order), B = 32 k x 16 rows of x
  * in the pair-interleaved layout AMX wants, packed once per call. x is split into bf16 hi + lo parts
@@ -635,7 +1096,7 @@ VNNI static void gemm_vnni(const uint8_t* px, int64_t m_rows, const MoeportWeigh
 
 /* ---- dispatch ------------------------------------------------------------------------------- */
 
-enum { ISA_GENERIC = 0, ISA_AVX512 = 1, ISA_VNNI = 2, ISA_AMX = 3 };
+enum { ISA_GENERIC = 0, ISA_AVX2 = 1, ISA_AVX512 = 2, ISA_VNNI = 3, ISA_AMX = 4 };
 
 #ifdef MOEPORT_X86
 #include <cpuid.h>
@@ -665,11 +1126,15 @@ static int isa(void) {
   const char* env = getenv("MOEPORT_KERNELS_ISA");
   int cap = !env || !*env                  ? ISA_AMX
             : strcmp(env, "generic") == 0 ? ISA_GENERIC
+            : strcmp(env, "avx2") == 0    ? ISA_AVX2
             : strcmp(env, "avx512") == 0  ? ISA_AVX512
             : strcmp(env, "vnni") == 0    ? ISA_VNNI
                                           : ISA_AMX;
   __builtin_cpu_init();
-  if (cap >= ISA_AVX512 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+  if (cap >= ISA_AVX2 && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+      __builtin_cpu_supports("f16c"))
+    level = ISA_AVX2;
+  if (level == ISA_AVX2 && cap >= ISA_AVX512 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
       __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq"))
     level = ISA_AVX512;
   if (level == ISA_AVX512 && cap >= ISA_VNNI && __builtin_cpu_supports("avx512vnni")) level = ISA_VNNI;
@@ -680,20 +1145,25 @@ static int isa(void) {
 }
 
 int moeport_has_avx512(void) { return isa() >= ISA_AVX512; }
+int moeport_has_avx2(void) { return isa() == ISA_AVX2; }
 
 const char* moeport_kernels_isa(void) {
-  static const char* names[] = {"generic", "avx512", "avx512+vnni", "avx512+vnni+amx-bf16"};
+  static const char* names[] = {"generic", "avx2", "avx512", "avx512+vnni", "avx512+vnni+amx-bf16"};
   return names[isa()];
 }
 
 /* How x is packed before a product of m rows with these weights, if at all: for the AMX tiles (more
  * than 4 rows, bf16 or quantized weights; fp16 would need AMX-FP16), or as bytes for VNNI (decode rows,
  * quantized weights). */
-enum { PACK_NONE = 0, PACK_AMX = 1, PACK_VNNI = 2 };
+enum { PACK_NONE = 0, PACK_AMX = 1, PACK_VNNI = 2, PACK_I16 = 3, PACK_I8 = 4 };
 
 static int pack_kind(int64_t m, const MoeportWeights* w) {
   if (m > 4 && w->k % 32 == 0 && w->dtype != MOEPORT_FP16 && isa() == ISA_AMX) return PACK_AMX;
   if (m <= 4 && quantized(w->dtype) && isa() >= ISA_VNNI) return PACK_VNNI;
+  if (m <= 4 && w->dtype == MOEPORT_Q4 && w->act8 && isa() == ISA_AVX2 && w->block >= 32 && w->k % 64 == 0)
+    return PACK_I8;
+  if (m <= 4 && quantized(w->dtype) && isa() == ISA_AVX2 && (w->dtype == MOEPORT_Q8 || w->block >= 32))
+    return PACK_I16;
   return PACK_NONE;
 }
 
@@ -704,6 +1174,10 @@ static size_t packed_bytes(int64_t m, const MoeportWeights* w) {
   switch (pack_kind(m, w)) {
     case PACK_AMX: return 2 * amx_elems(m, w->k) * sizeof(uint16_t);
     case PACK_VNNI: return (size_t)m * vnni_row_bytes(w->k, w->block);
+#ifdef MOEPORT_X86
+    case PACK_I16: return (size_t)m * i16_row_bytes(w->k, w->block);
+    case PACK_I8: return (size_t)m * i8_row_bytes(w->k, w->block);
+#endif
     default: return 0;
   }
 }
@@ -716,6 +1190,14 @@ static int gemm(const float* x, int64_t m_rows, int64_t ldx, const uint8_t* pack
 #ifdef MOEPORT_X86
   if (kind == PACK_VNNI) {
     gemm_vnni(packed, m_rows, w, rows, y, ldy);
+    return 0;
+  }
+  if (kind == PACK_I16) {
+    gemm_i16(packed, m_rows, w, rows, y, ldy);
+    return 0;
+  }
+  if (kind == PACK_I8) {
+    gemm_i8(packed, m_rows, w, rows, y, ldy);
     return 0;
   }
 #endif
@@ -743,6 +1225,15 @@ static int gemm(const float* x, int64_t m_rows, int64_t ldx, const uint8_t* pack
     }
     return 0;
   }
+  if (isa() == ISA_AVX2) {
+    switch (w->dtype) {
+      case MOEPORT_BF16: gemm_avx2_bf16(x, m_rows, ldx, w, rows, y, ldy, scratch); break;
+      case MOEPORT_FP16: gemm_avx2_f16(x, m_rows, ldx, w, rows, y, ldy, scratch); break;
+      case MOEPORT_Q8: gemm_avx2_q8(x, m_rows, ldx, w, rows, y, ldy, scratch); break;
+      default: gemm_avx2_q4(x, m_rows, ldx, w, rows, y, ldy, scratch); break;
+    }
+    return 0;
+  }
 #endif
   gemm_generic(x, m_rows, ldx, w, rows, y, ldy, scratch);
   return 0;
@@ -759,6 +1250,10 @@ static void pack(const float* x, int64_t m, int64_t ldx, const MoeportWeights* w
     }
 #endif
     case PACK_VNNI: vnni_pack(x, m, ldx, w, dst); break;
+#ifdef MOEPORT_X86
+    case PACK_I16: i16_pack(x, m, ldx, w, dst); break;
+    case PACK_I8: i8_pack(x, m, ldx, w, dst); break;
+#endif
     default: break;
   }
 }
@@ -1091,7 +1586,7 @@ void moeport_serial_for(void* ctx, void (*fn)(void*, size_t), size_t n, void* da
 /* Entry points for tests (ctypes): the same kernels, run on the calling thread. */
 int moeport_linear_serial(const float* x, int64_t m, int64_t k, const void* w, const float* scales, int64_t block,
                           int64_t n, float* y, int dtype) {
-  MoeportWeights wt = {dtype, (const uint8_t*)w, scales, k, block};
+  MoeportWeights wt = {dtype & 0xff, (const uint8_t*)w, scales, k, block, (dtype & MOEPORT_ACT8) != 0};
   return moeport_linear(x, m, &wt, n, y, moeport_serial_for, NULL);
 }
 
@@ -1099,8 +1594,9 @@ int moeport_moe_serial(const float* x, int64_t tokens, int64_t hidden, const int
                        int64_t k, const void* gate_up, const float* gate_up_scales, const void* down,
                        const float* down_scales, int64_t block, int64_t experts, int64_t inter, float* y, int dtype,
                        char* err, size_t err_len) {
-  MoeportWeights gu = {dtype, (const uint8_t*)gate_up, gate_up_scales, hidden, block};
-  MoeportWeights dn = {dtype, (const uint8_t*)down, down_scales, inter, block};
+  int act8 = (dtype & MOEPORT_ACT8) != 0;
+  MoeportWeights gu = {dtype & 0xff, (const uint8_t*)gate_up, gate_up_scales, hidden, block, act8};
+  MoeportWeights dn = {dtype & 0xff, (const uint8_t*)down, down_scales, inter, block, act8};
   return moeport_moe(x, tokens, hidden, idx, weights, k, &gu, &dn, experts, inter, y, moeport_serial_for, NULL, err,
                      err_len);
 }

@@ -12,6 +12,7 @@
 #define MOEPORT_Q8 8
 #define MOEPORT_FP16 10
 #define MOEPORT_BF16 16
+#define MOEPORT_ACT8 0x100 /* or-ed into the serial entry points' dtype: MoeportWeights.act8 */
 
 #define MOEPORT_API __attribute__((visibility("default")))
 
@@ -21,6 +22,7 @@ typedef struct {
   const uint8_t* data;  /* row 0 */
   const float* scales;  /* quantized: row 0's k / block scales */
   int64_t k, block;     /* row length; values per scale (quantized) */
+  int act8;             /* 4-bit codes: x may be rounded to int8 per block (AVX2 decode; accuracy level 4) */
 } MoeportWeights;
 
 /* Runs fn(data, i) for every i in [0, n), possibly on several threads. */
@@ -78,6 +80,7 @@ MOEPORT_API void moeport_scratch_stats(int64_t* threads, int64_t* bytes);
 MOEPORT_API void moeport_pool_stats(int64_t* buffers, int64_t* bytes, int64_t* allocs);
 MOEPORT_API void moeport_buffer_cycle(size_t size);
 int moeport_has_avx512(void); /* the AVX-512 path is in use (cpu support and MOEPORT_KERNELS_ISA) */
+int moeport_has_avx2(void);   /* the AVX2 path (and not AVX-512) is in use */
 void moeport_serial_for(void* ctx, void (*fn)(void*, size_t), size_t n, void* data); /* a plain loop */
 
 #endif

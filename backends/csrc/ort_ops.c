@@ -92,6 +92,7 @@ typedef struct {
   const char* name;
   int kind;  /* OP_LINEAR, OP_MOE, OP_ATTENTION */
   int dtype; /* weight format: MOEPORT_BF16, _FP16, _Q8, _Q4 (0: none) */
+  int act8;  /* the *A8 variants: x may be rounded to int8 per block (see MoeportWeights) */
 } MoeportOp;
 
 static int is_quantized(const MoeportOp* op) { return op->dtype == MOEPORT_Q8 || op->dtype == MOEPORT_Q4; }
@@ -104,6 +105,7 @@ static const char* weights_of(const MoeportOp* op, void* data, const int64_t* di
                               const int64_t* sdims, size_t srank, int64_t k, MoeportWeights* w, char msg[MSG_LEN]) {
   int64_t cols = dims[rank - 1];
   w->dtype = op->dtype;
+  w->act8 = op->act8;
   w->data = (const uint8_t*)data;
   w->scales = (const float*)scales;
   w->k = k;
@@ -296,13 +298,14 @@ static int op_required(const OrtCustomOp* op, size_t i) {
   return 0;
 }
 
-#define MOEPORT_OP(NAME, KIND, DTYPE)                                                                       \
+#define MOEPORT_OP_A(NAME, KIND, DTYPE, ACT8)                                                               \
   {                                                                                                           \
     {16,          NULL,          op_name,     op_provider, op_input_type, op_inputs, op_output_type, op_outputs, \
      NULL,        destroy_kernel, op_required, op_required, op_required, NULL,      NULL,          NULL,         \
      NULL,        create_kernel, compute},                                                                    \
-        NAME, KIND, DTYPE                                                                                     \
+        NAME, KIND, DTYPE, ACT8                                                                               \
   }
+#define MOEPORT_OP(NAME, KIND, DTYPE) MOEPORT_OP_A(NAME, KIND, DTYPE, 0)
 
 static MoeportOp g_ops[] = {
     MOEPORT_OP("LinearBf16", OP_LINEAR, ORT_T_BFLOAT16),
@@ -313,6 +316,8 @@ static MoeportOp g_ops[] = {
     MOEPORT_OP("LinearQ4", OP_LINEAR, MOEPORT_Q4),
     MOEPORT_OP("MoEQ8", OP_MOE, MOEPORT_Q8),
     MOEPORT_OP("MoEQ4", OP_MOE, MOEPORT_Q4),
+    MOEPORT_OP_A("LinearQ4A8", OP_LINEAR, MOEPORT_Q4, 1),
+    MOEPORT_OP_A("MoEQ4A8", OP_MOE, MOEPORT_Q4, 1),
     MOEPORT_OP("LatentAttention", OP_ATTENTION, 0),
 };
 
