@@ -21,6 +21,9 @@ weight bytes from the artifact's external data (nothing is copied or re-quantize
   (AVX2 machines: int16 products; 4-bit codes at accuracy level 4, the ``Q4A8`` ops, with x rounded to
   int8 per block) and prefill on AMX tiles; ``quant_kernels=False`` keeps ONNX Runtime's
   ``MatMulNBits``/``QMoE``.
+- per-head ``MatMul`` of a bf16 ``[H, K, N]`` weight (MLA's absorbed ``kv_b_proj``, stored bf16 in bf16 and
+  int8/int4 artifacts) -> the same library's ``HeadsMatMulBf16``, reading the stored weights (ONNX
+  Runtime would fold their Cast into float32 copies: twice the bytes per token, and held in memory).
 - ``LatentAttention`` (MLA over the latent cache) -> the same library's fused ``LatentAttention``: one
   pass over the cache for all heads with an online softmax, the cache read in place (the reference is a
   chain of a dozen small ONNX nodes per layer, each reading or writing a [heads, positions] array);
@@ -278,6 +281,19 @@ def rewrite_for_ort(
                     helper.make_node(op, [n.input[0], w.name], list(n.output), name=n.name, domain=KERNELS_DOMAIN)
                 )
                 continue
+        if (
+            n.op_type == "MatMul"
+            and n.domain == ""
+            and (w := half_weight(n.input[1])) is not None
+            and w.data_type == TensorProto.BFLOAT16
+            and len(w.dims) == 3
+        ):  # per-head products with bf16 weights [H, K, N] (MLA's absorbed kv_b_proj), read as stored
+            new_nodes.append(
+                helper.make_node(
+                    "HeadsMatMulBf16", list(n.input[:1]) + [w.name], list(n.output), name=n.name, domain=KERNELS_DOMAIN
+                )
+            )
+            continue
         if n.domain != DOMAIN:
             new_nodes.append(n)
             continue
@@ -287,7 +303,11 @@ def rewrite_for_ort(
         elif kind in ("QLinear", "QMoE") and quant_kernels and bits in (4, 8):
             # accuracy level 4 lets 4-bit products round x to int8 per block where that is the fast path
             # (AVX2 decode), as it lets MatMulNBits do; below 4, x keeps 15 bits as on the other paths
-            op = ("Linear" if kind == "QLinear" else "MoE") + f"Q{bits}" + ("A8" if bits == 4 and accuracy_level >= 4 else "")
+            op = (
+                ("Linear" if kind == "QLinear" else "MoE")
+                + f"Q{bits}"
+                + ("A8" if bits == 4 and accuracy_level >= 4 else "")
+            )
             new_nodes.append(helper.make_node(op, list(n.input), list(n.output), name=n.name, domain=KERNELS_DOMAIN))
         elif kind == "QLinear":
             x, codes, scales = n.input

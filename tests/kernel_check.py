@@ -66,6 +66,7 @@ def main(path: str) -> None:
     lib.moeport_moe_serial.argtypes = [p, i64, i64, p, p, i64, p, p, p, p, i64, i64, i64, p, ctypes.c_int]
     lib.moeport_moe_serial.argtypes += [ctypes.c_char_p, ctypes.c_size_t]
     lib.moeport_kernels_isa.restype = ctypes.c_char_p
+    lib.moeport_heads_matmul_serial.argtypes = [p, i64, i64, i64, i64, p, i64, p]
     rng = np.random.default_rng(0)
     worst_linear = worst_moe = 0.0
     # (m, k, n): decode rows (m <= 4), wider products, K not a multiple of 16/32, N not of 4/32
@@ -151,6 +152,14 @@ def main(path: str) -> None:
     # that may see no key at all (the reference's mean of all rows)
     lib.moeport_latent_attention_serial.argtypes = [p, i64, i64, i64, i64, p, i64, p, p, ctypes.c_int]
     lib.moeport_latent_attention_serial.argtypes += [ctypes.c_float, p]
+    # HeadsMatMulBf16: x [outer, H, S, K] . W[h] [K, N] bf16, N with and without a partial 64-column chunk
+    heads_err = 0.0
+    for outer, heads, seq, k, n in [(1, 3, 1, 16, 64), (2, 3, 5, 24, 70), (1, 16, 1, 128, 512), (1, 2, 7, 9, 130)]:
+        x = rng.standard_normal((outer, heads, seq, k)).astype(np.float32)
+        w = rng.standard_normal((heads, k, n)).astype(ml_dtypes.bfloat16)
+        y = np.full((outer, heads, seq, n), np.nan, np.float32)
+        assert lib.moeport_heads_matmul_serial(*[_ptr(a) for a in (x, outer, heads, seq, k, w, n, y)]) == 0
+        heads_err = max(heads_err, _rel(y, x.astype(np.float64) @ w.astype(np.float64)))
     attention = 0.0
     for batch, heads, seq, dim, cached, pad in [
         (1, 8, 1, 288, 2048, 0),
@@ -179,6 +188,7 @@ def main(path: str) -> None:
             {
                 "isa": lib.moeport_kernels_isa().decode(),
                 "attention_max_rel_err": attention,
+                "heads_matmul_max_rel_err": heads_err,
                 "linear_max_rel_err": worst_linear,
                 "moe_max_rel_err": worst_moe,
                 "quantized_linear_max_rel_err": q_linear,

@@ -28,6 +28,8 @@
 #include <immintrin.h>
 #endif
 
+#define INLINE_ANY static inline __attribute__((always_inline))
+
 /* ---- half -> float ------------------------------------------------------------------------ */
 
 static inline float bf16_to_f32(uint16_t h) {
@@ -1599,4 +1601,71 @@ int moeport_moe_serial(const float* x, int64_t tokens, int64_t hidden, const int
   MoeportWeights dn = {dtype & 0xff, (const uint8_t*)down, down_scales, inter, block, act8};
   return moeport_moe(x, tokens, hidden, idx, weights, k, &gu, &dn, experts, inter, y, moeport_serial_for, NULL, err,
                      err_len);
+}
+
+/* ---- per-head products: y[..., h, s, :] = x[..., h, s, :] . W[h] --------------------------------
+ * W [H, K, N] bf16, the layout of MLA's absorbed kv_b_proj halves (exporter/graph: "kv_b_proj.weight:k"
+ * and ":v"). Read as stored (ONNX Runtime would fold their Cast into float32 copies: twice the bytes
+ * per token, held twice); items are (head, 64 output columns); each row of x streams W's K rows of
+ * that column chunk, widening them in registers. */
+#define HEADS_COLS 64
+
+typedef struct {
+  const float* x;
+  const uint16_t* w;
+  float* y;
+  int64_t outer, heads, seq, k, n, chunks;
+} HeadsJob;
+
+INLINE_ANY void heads_rows(const HeadsJob* j, size_t item) {
+  int64_t h = (int64_t)item / j->chunks, n0 = ((int64_t)item % j->chunks) * HEADS_COLS;
+  int64_t nn = j->n - n0 < HEADS_COLS ? j->n - n0 : HEADS_COLS;
+  const uint16_t* wh = j->w + h * j->k * j->n + n0;
+  for (int64_t o = 0; o < j->outer; o++)
+    for (int64_t s = 0; s < j->seq; s++) {
+      int64_t row = (o * j->heads + h) * j->seq + s;
+      const float* xr = j->x + row * j->k;
+      float acc[HEADS_COLS];
+      for (int c = 0; c < HEADS_COLS; c++) acc[c] = 0.f;
+      if (nn == HEADS_COLS) {
+        for (int64_t kk = 0; kk < j->k; kk++) {
+          const uint16_t* wr = wh + kk * j->n;
+          float xv = xr[kk];
+          for (int c = 0; c < HEADS_COLS; c++) acc[c] += xv * bf16_to_f32(wr[c]);
+        }
+      } else {
+        for (int64_t kk = 0; kk < j->k; kk++) {
+          const uint16_t* wr = wh + kk * j->n;
+          float xv = xr[kk];
+          for (int64_t c = 0; c < nn; c++) acc[c] += xv * bf16_to_f32(wr[c]);
+        }
+      }
+      memcpy(j->y + row * j->n + n0, acc, (size_t)nn * sizeof(float));
+    }
+}
+
+static void heads_generic(void* data, size_t item) { heads_rows((const HeadsJob*)data, item); }
+#ifdef MOEPORT_X86
+AVX2 static void heads_avx2(void* data, size_t item) { heads_rows((const HeadsJob*)data, item); }
+AVX512 static void heads_avx512(void* data, size_t item) { heads_rows((const HeadsJob*)data, item); }
+#endif
+
+int moeport_heads_matmul(const float* x, int64_t outer, int64_t heads, int64_t seq, int64_t k, const uint16_t* w,
+                         int64_t n, float* y, moeport_parallel_for pfor, void* pctx) {
+  if (outer == 0 || heads == 0 || seq == 0 || n == 0) return 0;
+  HeadsJob j = {x, w, y, outer, heads, seq, k, n, (n + HEADS_COLS - 1) / HEADS_COLS};
+  void (*fn)(void*, size_t) = heads_generic;
+#ifdef MOEPORT_X86
+  if (isa() >= ISA_AVX512)
+    fn = heads_avx512;
+  else if (isa() == ISA_AVX2)
+    fn = heads_avx2;
+#endif
+  pfor(pctx, fn, (size_t)(heads * j.chunks), &j);
+  return 0;
+}
+
+int moeport_heads_matmul_serial(const float* x, int64_t outer, int64_t heads, int64_t seq, int64_t k,
+                                const uint16_t* w, int64_t n, float* y) {
+  return moeport_heads_matmul(x, outer, heads, seq, k, w, n, y, moeport_serial_for, NULL);
 }

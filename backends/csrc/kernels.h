@@ -59,6 +59,12 @@ MOEPORT_API int moeport_moe_serial(const float* x, int64_t tokens, int64_t hidde
                                    const void* down, const float* down_scales, int64_t block, int64_t experts,
                                    int64_t inter, float* y, int dtype, char* err, size_t err_len);
 
+/* y[..., h, s, :] = x[..., h, s, :] . W[h]: x [outer, heads, seq, k] float32, W [heads, k, n] bf16 */
+int moeport_heads_matmul(const float* x, int64_t outer, int64_t heads, int64_t seq, int64_t k, const uint16_t* w,
+                         int64_t n, float* y, moeport_parallel_for pfor, void* pctx);
+MOEPORT_API int moeport_heads_matmul_serial(const float* x, int64_t outer, int64_t heads, int64_t seq, int64_t k,
+                                            const uint16_t* w, int64_t n, float* y);
+
 MOEPORT_API int moeport_latent_attention_serial(const float* q, int64_t batch, int64_t heads, int64_t seq, int64_t dim,
                                                const float* past, int64_t past_len, const float* fresh,
                                                const uint8_t* allowed, int allowed_batched, float scale, float* out);

@@ -85,7 +85,7 @@ static void ort_parallel_for(void* ctx, void (*fn)(void*, size_t), size_t n, voi
 
 /* ---- the operators -------------------------------------------------------------------------- */
 
-enum { OP_LINEAR = 0, OP_MOE = 1, OP_ATTENTION = 2 };
+enum { OP_LINEAR = 0, OP_MOE = 1, OP_ATTENTION = 2, OP_HEADS = 3 };
 
 typedef struct {
   OrtCustomOp base;
@@ -244,11 +244,36 @@ static OrtStatus* attention_compute(const MoeportOp* op, OrtKernelContext* ctx) 
   return NULL;
 }
 
+/* HeadsMatMulBf16(x [..., H, S, K], w [H, K, N] bf16) -> [..., H, S, N] */
+static OrtStatus* heads_compute(const MoeportOp* op, OrtKernelContext* ctx) {
+  void *x, *w, *y;
+  int64_t xd[MAX_RANK], wd[MAX_RANK], yd[MAX_RANK];
+  size_t xr, wr;
+  TRY(input(ctx, 0, &x, xd, &xr));
+  TRY(input(ctx, 1, &w, wd, &wr));
+  if (xr < 3 || wr != 3 || xd[xr - 3] != wd[0] || xd[xr - 1] != wd[1]) {
+    char msg[MSG_LEN];
+    snprintf(msg, sizeof msg, "expects x [..., H, S, K] and w [H, K, N]; got x of rank %zu with H=%lld, K=%lld and w "
+             "[%lld, %lld, %lld]", xr, (long long)(xr >= 3 ? xd[xr - 3] : -1), (long long)(xr ? xd[xr - 1] : -1),
+             (long long)wd[0], (long long)(wr > 1 ? wd[1] : -1), (long long)(wr > 2 ? wd[2] : -1));
+    return fail(op->name, msg);
+  }
+  int64_t outer = 1;
+  for (size_t i = 0; i + 3 < xr; i++) outer *= xd[i];
+  memcpy(yd, xd, xr * sizeof(int64_t));
+  yd[xr - 1] = wd[2];
+  TRY(output(ctx, yd, xr, &y));
+  moeport_heads_matmul((const float*)x, outer, wd[0], xd[xr - 2], wd[1], (const uint16_t*)w, wd[2], (float*)y,
+                       ort_parallel_for, ctx);
+  return NULL;
+}
+
 static OrtStatus* compute(void* kernel, OrtKernelContext* ctx) {
   const MoeportOp* op = ((Kernel*)kernel)->op;
   switch (op->kind) {
     case OP_MOE: return moe_compute(op, ctx);
     case OP_ATTENTION: return attention_compute(op, ctx);
+    case OP_HEADS: return heads_compute(op, ctx);
     default: return linear_compute(op, ctx);
   }
 }
@@ -272,6 +297,7 @@ static const char* op_provider(const OrtCustomOp* op) {
 static size_t op_inputs(const OrtCustomOp* base) {
   const MoeportOp* op = (const MoeportOp*)base;
   if (op->kind == OP_ATTENTION) return 5;
+  if (op->kind == OP_HEADS) return 2;
   return (op->kind == OP_MOE ? 5 : 2) + (is_quantized(op) ? (op->kind == OP_MOE ? 2 : 1) : 0);
 }
 static size_t op_outputs(const OrtCustomOp* op) {
@@ -281,6 +307,7 @@ static size_t op_outputs(const OrtCustomOp* op) {
 static int op_input_type(const OrtCustomOp* base, size_t i) {
   const MoeportOp* op = (const MoeportOp*)base;
   if (op->kind == OP_ATTENTION) return i == 3 ? ORT_T_BOOL : ORT_T_FLOAT;
+  if (op->kind == OP_HEADS) return i == 1 ? ORT_T_BFLOAT16 : ORT_T_FLOAT;
   size_t first = op->kind == OP_MOE ? 3 : 1; /* inputs before the weights */
   static const int moe_types[3] = {ORT_T_FLOAT, ORT_T_INT64, ORT_T_FLOAT};
   if (i < first) return op->kind == OP_MOE ? moe_types[i] : ORT_T_FLOAT;
@@ -319,6 +346,7 @@ static MoeportOp g_ops[] = {
     MOEPORT_OP_A("LinearQ4A8", OP_LINEAR, MOEPORT_Q4, 1),
     MOEPORT_OP_A("MoEQ4A8", OP_MOE, MOEPORT_Q4, 1),
     MOEPORT_OP("LatentAttention", OP_ATTENTION, 0),
+    MOEPORT_OP("HeadsMatMulBf16", OP_HEADS, ORT_T_BFLOAT16),
 };
 
 MOEPORT_API OrtStatus* RegisterCustomOps(OrtSessionOptions* options, const OrtApiBase* base) {
