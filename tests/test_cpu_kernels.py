@@ -66,7 +66,13 @@ def test_every_code_path_matches_numpy(lib_path):
         )
         assert out.returncode == 0, out.stderr
         report = json.loads(out.stdout.strip().splitlines()[-1])
-        want = {"generic": "generic", "avx2": "avx2", "avx512": "avx512", "vnni": "avx512+vnni", "amx": "avx512+vnni+amx-bf16"}
+        want = {
+            "generic": "generic",
+            "avx2": "avx2",
+            "avx512": "avx512",
+            "vnni": "avx512+vnni",
+            "amx": "avx512+vnni+amx-bf16",
+        }
         assert report["isa"] == want[isa], report["isa"]
         # float32 accumulation of exactly-stored weights; the AMX path splits x (and dequantized weights)
         # in bf16 hi+lo (2^-17); VNNI keeps 15 bits of x per weight block

@@ -1162,10 +1162,11 @@ enum { PACK_NONE = 0, PACK_AMX = 1, PACK_VNNI = 2, PACK_I16 = 3, PACK_I8 = 4 };
 static int pack_kind(int64_t m, const MoeportWeights* w) {
   if (m > 4 && w->k % 32 == 0 && w->dtype != MOEPORT_FP16 && isa() == ISA_AMX) return PACK_AMX;
   if (m <= 4 && quantized(w->dtype) && isa() >= ISA_VNNI) return PACK_VNNI;
-  if (m <= 4 && w->dtype == MOEPORT_Q4 && w->act8 && isa() == ISA_AVX2 && w->block >= 32 && w->k % 64 == 0)
-    return PACK_I8;
-  if (m <= 4 && quantized(w->dtype) && isa() == ISA_AVX2 && (w->dtype == MOEPORT_Q8 || w->block >= 32))
-    return PACK_I16;
+  /* AVX2: integer products for any number of rows (in groups of 4), the float path only for what they
+   * cannot take (4-bit blocks of 16) */
+  (void)m;
+  if (w->dtype == MOEPORT_Q4 && w->act8 && isa() == ISA_AVX2 && w->block >= 32 && w->k % 64 == 0) return PACK_I8;
+  if (quantized(w->dtype) && isa() == ISA_AVX2 && (w->dtype == MOEPORT_Q8 || w->block >= 32)) return PACK_I16;
   return PACK_NONE;
 }
 
@@ -1194,12 +1195,15 @@ static int gemm(const float* x, int64_t m_rows, int64_t ldx, const uint8_t* pack
     gemm_vnni(packed, m_rows, w, rows, y, ldy);
     return 0;
   }
-  if (kind == PACK_I16) {
-    gemm_i16(packed, m_rows, w, rows, y, ldy);
-    return 0;
-  }
-  if (kind == PACK_I8) {
-    gemm_i8(packed, m_rows, w, rows, y, ldy);
+  if (kind == PACK_I16 || kind == PACK_I8) { /* 4 rows of x at a time, against the same weight rows */
+    size_t ldp = kind == PACK_I16 ? i16_row_bytes(w->k, w->block) : i8_row_bytes(w->k, w->block);
+    for (int64_t m0 = 0; m0 < m_rows; m0 += 4) {
+      int64_t mr = m_rows - m0 < 4 ? m_rows - m0 : 4;
+      if (kind == PACK_I16)
+        gemm_i16(packed + m0 * ldp, mr, w, rows, y + m0 * ldy, ldy);
+      else
+        gemm_i8(packed + m0 * ldp, mr, w, rows, y + m0 * ldy, ldy);
+    }
     return 0;
   }
 #endif
@@ -1606,8 +1610,8 @@ int moeport_moe_serial(const float* x, int64_t tokens, int64_t hidden, const int
 /* ---- per-head products: y[..., h, s, :] = x[..., h, s, :] . W[h] --------------------------------
  * W [H, K, N] bf16, the layout of MLA's absorbed kv_b_proj halves (exporter/graph: "kv_b_proj.weight:k"
  * and ":v"). Read as stored (ONNX Runtime would fold their Cast into float32 copies: twice the bytes
- * per token, held twice); items are (head, 64 output columns); each row of x streams W's K rows of
- * that column chunk, widening them in registers. */
+ * per token, held twice); items are heads; each row of x streams W's K rows, 64 columns at a time,
+ * widening them in registers. */
 #define HEADS_COLS 64
 
 typedef struct {
@@ -1617,8 +1621,7 @@ typedef struct {
   int64_t outer, heads, seq, k, n, chunks;
 } HeadsJob;
 
-INLINE_ANY void heads_rows(const HeadsJob* j, size_t item) {
-  int64_t h = (int64_t)item / j->chunks, n0 = ((int64_t)item % j->chunks) * HEADS_COLS;
+INLINE_ANY void heads_chunk(const HeadsJob* j, int64_t h, int64_t n0) {
   int64_t nn = j->n - n0 < HEADS_COLS ? j->n - n0 : HEADS_COLS;
   const uint16_t* wh = j->w + h * j->k * j->n + n0;
   for (int64_t o = 0; o < j->outer; o++)
@@ -1644,6 +1647,11 @@ INLINE_ANY void heads_rows(const HeadsJob* j, size_t item) {
     }
 }
 
+/* one item per head: its column chunks in turn */
+INLINE_ANY void heads_rows(const HeadsJob* j, size_t item) {
+  for (int64_t c = 0; c < j->chunks; c++) heads_chunk(j, (int64_t)item, c * HEADS_COLS);
+}
+
 static void heads_generic(void* data, size_t item) { heads_rows((const HeadsJob*)data, item); }
 #ifdef MOEPORT_X86
 AVX2 static void heads_avx2(void* data, size_t item) { heads_rows((const HeadsJob*)data, item); }
@@ -1661,7 +1669,7 @@ int moeport_heads_matmul(const float* x, int64_t outer, int64_t heads, int64_t s
   else if (isa() == ISA_AVX2)
     fn = heads_avx2;
 #endif
-  pfor(pctx, fn, (size_t)(heads * j.chunks), &j);
+  pfor(pctx, fn, (size_t)heads, &j);
   return 0;
 }
 
