@@ -25,6 +25,7 @@ HALF = {16: ml_dtypes.bfloat16, 10: np.float16}
 
 ACT8 = 0x100  # MOEPORT_ACT8: 4-bit products that may round x to int8 per block (the *A8 ops)
 
+
 def _ptr(a):
     return a.ctypes.data if isinstance(a, np.ndarray) else a
 

@@ -18,12 +18,15 @@ def held_bytes(t: StoredTensor, half_kernels: bool = True, quant_kernels: bool =
     Measured on the bench preset (anonymous vs file-backed RSS after a load): moeport's kernels read
     bf16/fp16 Linear and expert weights and int8/int4 codes in place; without them ONNX Runtime widens
     half weights to float32 (twice the bytes) and pre-packs quantized ones (a copy). The absorbed
-    ``kv_b_proj`` halves (``MatMul`` of a Cast) are always widened; float32 Linear weights are pre-packed
+    ``kv_b_proj`` halves (``MatMul`` of a Cast) are read as stored by ``HeadsMatMulBf16`` when bf16 and
+    the kernels are on, else widened; float32 Linear weights are pre-packed
     by ONNX Runtime's Gemm (a copy); the embedding (``Gather``), float32 experts, norms and router stay
     mapped."""
     n = t.nbytes
     if t.dtype in ("bf16", "fp16"):
-        if t.use == "matmul" or (t.use in ("gemm", "experts") and not half_kernels):
+        if (t.use == "matmul" and not (half_kernels and t.dtype == "bf16")) or (
+            t.use in ("gemm", "experts") and not half_kernels
+        ):
             return 2 * n, False
         if t.use == "tied" and not half_kernels:  # read by the Gather as stored and by the head widened
             return 3 * n, False

@@ -1162,11 +1162,12 @@ enum { PACK_NONE = 0, PACK_AMX = 1, PACK_VNNI = 2, PACK_I16 = 3, PACK_I8 = 4 };
 static int pack_kind(int64_t m, const MoeportWeights* w) {
   if (m > 4 && w->k % 32 == 0 && w->dtype != MOEPORT_FP16 && isa() == ISA_AMX) return PACK_AMX;
   if (m <= 4 && quantized(w->dtype) && isa() >= ISA_VNNI) return PACK_VNNI;
-  /* AVX2: integer products for any number of rows (in groups of 4), the float path only for what they
-   * cannot take (4-bit blocks of 16) */
-  (void)m;
+  /* AVX2: 4-bit codes at accuracy level 4 (act8) in int8 products for any number of rows (in groups of
+   * 4); otherwise decode-sized products in int16 (x to 15 bits, as VNNI) and larger ones widened to
+   * float32, exact */
   if (w->dtype == MOEPORT_Q4 && w->act8 && isa() == ISA_AVX2 && w->block >= 32 && w->k % 64 == 0) return PACK_I8;
-  if (quantized(w->dtype) && isa() == ISA_AVX2 && (w->dtype == MOEPORT_Q8 || w->block >= 32)) return PACK_I16;
+  if (m <= 4 && quantized(w->dtype) && isa() == ISA_AVX2 && (w->dtype == MOEPORT_Q8 || w->block >= 32))
+    return PACK_I16;
   return PACK_NONE;
 }
 
