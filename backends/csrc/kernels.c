@@ -514,81 +514,31 @@ static void i16_pack(const float* x, int64_t m_rows, int64_t ldx, const MoeportW
   }
 }
 
-/* MR packed rows of x against NR weight rows (rows past nr repeat row nr - 1 and are not stored). */
-AVX2 INLINE void i16_tile(const uint8_t* px, int64_t ldp, const MoeportWeights* w, float* y, int64_t ldy,
-                          const int MR, const int NR, int nr, int dtype) {
-  int64_t k = w->k, bs = w->block, nb = k / bs, nbp = i16_nbp(k, bs);
-  const uint8_t* rows[4];
-  const float* sc[4];
-  #pragma GCC unroll 4
+/* The integer tiles' operands: NR weight rows and their scales (rows past nr repeat row nr - 1), and MR
+ * packed rows of x, each its block scales sx [nbp], zero-point terms [nbp], then its values (qx). */
+AVX2 INLINE void int_tile_operands(const MoeportWeights* w, const uint8_t* px, int64_t ldp, int64_t nbp, const int MR,
+                                   const int NR, int nr, const uint8_t** rows, const float** sc, const float** sx,
+                                   const void** qx) {
+#pragma GCC unroll 4
   for (int n = 0; n < NR; n++) {
     int r = n < nr ? n : nr - 1;
     rows[n] = w->data + r * row_bytes(w);
-    sc[n] = w->scales + r * nb;
+    sc[n] = w->scales + r * (w->k / w->block);
   }
-  const float* sx[4];
-  const int16_t* qx[4];
-  #pragma GCC unroll 4
+#pragma GCC unroll 4
   for (int m = 0; m < MR; m++) {
     sx[m] = (const float*)(px + m * ldp);
-    qx[m] = (const int16_t*)(sx[m] + 2 * nbp);
+    qx[m] = sx[m] + 2 * nbp;
   }
-  /* int32 sums overflow past 2^31 / (255 * 32383 * 2) = 130 vpmaddwd steps: flush to float every 2048 values */
-  int64_t chunk = bs < 2048 ? bs : 2048;
-  const __m256i low4 = _mm256_set1_epi8(15);
-  __m256 acc[4][4];
-  #pragma GCC unroll 4
-  for (int m = 0; m < MR; m++)
-    #pragma GCC unroll 4
-    for (int n = 0; n < NR; n++) acc[m][n] = _mm256_setzero_ps();
-  for (int64_t c0 = 0, b = 0; c0 < k; c0 += chunk, b += (c0 & (bs - 1)) == 0) { /* bs: a power of two */
-    __m256i ai[4][4];
-    #pragma GCC unroll 4
-    for (int m = 0; m < MR; m++)
-      #pragma GCC unroll 4
-      for (int n = 0; n < NR; n++) ai[m][n] = _mm256_setzero_si256();
-    if (dtype == MOEPORT_Q8) {
-      for (int64_t i = c0; i < c0 + chunk; i += 16) {
-        __m256i cv[4];
-        #pragma GCC unroll 4
-        for (int n = 0; n < NR; n++) cv[n] = _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i*)(rows[n] + i)));
-        #pragma GCC unroll 4
-        for (int m = 0; m < MR; m++) {
-          __m256i xv = _mm256_load_si256((const __m256i*)(qx[m] + i));
-          #pragma GCC unroll 4
-          for (int n = 0; n < NR; n++) ai[m][n] = _mm256_add_epi32(ai[m][n], _mm256_madd_epi16(cv[n], xv));
-        }
-      }
-    } else {
-      for (int64_t i = c0; i < c0 + chunk; i += 32) {
-        __m256i lo[4], hi[4];
-        #pragma GCC unroll 4
-        for (int n = 0; n < NR; n++) {
-          __m128i bytes = _mm_loadu_si128((const __m128i*)(rows[n] + i / 2));
-          lo[n] = _mm256_cvtepu8_epi16(_mm_and_si128(bytes, _mm256_castsi256_si128(low4)));
-          hi[n] = _mm256_cvtepu8_epi16(_mm_and_si128(_mm_srli_epi16(bytes, 4), _mm256_castsi256_si128(low4)));
-        }
-        #pragma GCC unroll 4
-        for (int m = 0; m < MR; m++) {
-          __m256i xe = _mm256_load_si256((const __m256i*)(qx[m] + i));
-          __m256i xo = _mm256_load_si256((const __m256i*)(qx[m] + i + 16));
-          #pragma GCC unroll 4
-          for (int n = 0; n < NR; n++)
-            ai[m][n] = _mm256_add_epi32(ai[m][n],
-                                        _mm256_add_epi32(_mm256_madd_epi16(lo[n], xe), _mm256_madd_epi16(hi[n], xo)));
-        }
-      }
-    }
-    #pragma GCC unroll 4
-    for (int m = 0; m < MR; m++)
-      #pragma GCC unroll 4
-      for (int n = 0; n < NR; n++)
-        acc[m][n] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(ai[m][n]), _mm256_set1_ps(sc[n][b] * sx[m][b]), acc[m][n]);
-  }
-  #pragma GCC unroll 4
+}
+
+/* y = the tile's scaled sums less each block's zero-point term (weight scale x zq, summed over blocks). */
+AVX2 INLINE void int_tile_store(__m256 acc[4][4], const float* const* sx, const float* const* sc, int64_t nbp,
+                                int64_t nb, float* y, int64_t ldy, const int MR, const int NR, int nr) {
+#pragma GCC unroll 4
   for (int m = 0; m < MR; m++) {
     const float* zq = sx[m] + nbp;
-    #pragma GCC unroll 4
+#pragma GCC unroll 4
     for (int n = 0; n < NR; n++) {
       if (n >= nr) continue;
       __m256 corr = _mm256_setzero_ps();
@@ -599,6 +549,69 @@ AVX2 INLINE void i16_tile(const uint8_t* px, int64_t ldp, const MoeportWeights* 
       y[m * ldy + n] = hsum8(acc[m][n]) - c;
     }
   }
+}
+
+/* MR packed rows of x against NR weight rows (rows past nr repeat row nr - 1 and are not stored). */
+AVX2 INLINE void i16_tile(const uint8_t* px, int64_t ldp, const MoeportWeights* w, float* y, int64_t ldy,
+                          const int MR, const int NR, int nr, int dtype) {
+  int64_t k = w->k, bs = w->block, nb = k / bs, nbp = i16_nbp(k, bs);
+  const uint8_t* rows[4];
+  const float *sc[4], *sx[4];
+  const int16_t* qx[4];
+  int_tile_operands(w, px, ldp, nbp, MR, NR, nr, rows, sc, sx, (const void**)qx);
+  /* int32 sums overflow past 2^31 / (255 * 32383 * 2) = 130 vpmaddwd steps: flush to float every 2048 values */
+  int64_t chunk = bs < 2048 ? bs : 2048;
+  const __m256i low4 = _mm256_set1_epi8(15);
+  __m256 acc[4][4];
+#pragma GCC unroll 4
+  for (int m = 0; m < MR; m++)
+#pragma GCC unroll 4
+    for (int n = 0; n < NR; n++) acc[m][n] = _mm256_setzero_ps();
+  for (int64_t c0 = 0, b = 0; c0 < k; c0 += chunk, b += (c0 & (bs - 1)) == 0) { /* bs: a power of two */
+    __m256i ai[4][4];
+#pragma GCC unroll 4
+    for (int m = 0; m < MR; m++)
+#pragma GCC unroll 4
+      for (int n = 0; n < NR; n++) ai[m][n] = _mm256_setzero_si256();
+    if (dtype == MOEPORT_Q8) {
+      for (int64_t i = c0; i < c0 + chunk; i += 16) {
+        __m256i cv[4];
+#pragma GCC unroll 4
+        for (int n = 0; n < NR; n++) cv[n] = _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i*)(rows[n] + i)));
+#pragma GCC unroll 4
+        for (int m = 0; m < MR; m++) {
+          __m256i xv = _mm256_load_si256((const __m256i*)(qx[m] + i));
+#pragma GCC unroll 4
+          for (int n = 0; n < NR; n++) ai[m][n] = _mm256_add_epi32(ai[m][n], _mm256_madd_epi16(cv[n], xv));
+        }
+      }
+    } else {
+      for (int64_t i = c0; i < c0 + chunk; i += 32) {
+        __m256i lo[4], hi[4];
+#pragma GCC unroll 4
+        for (int n = 0; n < NR; n++) {
+          __m128i bytes = _mm_loadu_si128((const __m128i*)(rows[n] + i / 2));
+          lo[n] = _mm256_cvtepu8_epi16(_mm_and_si128(bytes, _mm256_castsi256_si128(low4)));
+          hi[n] = _mm256_cvtepu8_epi16(_mm_and_si128(_mm_srli_epi16(bytes, 4), _mm256_castsi256_si128(low4)));
+        }
+#pragma GCC unroll 4
+        for (int m = 0; m < MR; m++) {
+          __m256i xe = _mm256_load_si256((const __m256i*)(qx[m] + i));
+          __m256i xo = _mm256_load_si256((const __m256i*)(qx[m] + i + 16));
+#pragma GCC unroll 4
+          for (int n = 0; n < NR; n++)
+            ai[m][n] = _mm256_add_epi32(ai[m][n],
+                                        _mm256_add_epi32(_mm256_madd_epi16(lo[n], xe), _mm256_madd_epi16(hi[n], xo)));
+        }
+      }
+    }
+#pragma GCC unroll 4
+    for (int m = 0; m < MR; m++)
+#pragma GCC unroll 4
+      for (int n = 0; n < NR; n++)
+        acc[m][n] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(ai[m][n]), _mm256_set1_ps(sc[n][b] * sx[m][b]), acc[m][n]);
+  }
+  int_tile_store(acc, sx, sc, nbp, nb, y, ldy, MR, NR, nr);
 }
 
 AVX2 INLINE void gemm_i16_t(const uint8_t* px, int64_t m_rows, const MoeportWeights* w0, int64_t rows, float* y,
@@ -667,20 +680,9 @@ AVX2 INLINE void i8_tile(const uint8_t* px, int64_t ldp, const MoeportWeights* w
                          const int NR, int nr) {
   int64_t k = w->k, bs = w->block, nb = k / bs, nbp = i16_nbp(k, bs);
   const uint8_t* rows[4];
-  const float* sc[4];
-#pragma GCC unroll 4
-  for (int n = 0; n < NR; n++) {
-    int r = n < nr ? n : nr - 1;
-    rows[n] = w->data + r * row_bytes(w);
-    sc[n] = w->scales + r * nb;
-  }
-  const float* sx[4];
+  const float *sc[4], *sx[4];
   const int8_t* qx[4];
-#pragma GCC unroll 4
-  for (int m = 0; m < MR; m++) {
-    sx[m] = (const float*)(px + m * ldp);
-    qx[m] = (const int8_t*)(sx[m] + 2 * nbp);
-  }
+  int_tile_operands(w, px, ldp, nbp, MR, NR, nr, rows, sc, sx, (const void**)qx);
   const __m256i low4 = _mm256_set1_epi8(15);
   const __m256i ones = _mm256_set1_epi16(1);
   const __m256i halves = _mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1);
@@ -745,20 +747,7 @@ AVX2 INLINE void i8_tile(const uint8_t* px, int64_t ldp, const MoeportWeights* w
     }
   }
 #undef I8_GROUP
-#pragma GCC unroll 4
-  for (int m = 0; m < MR; m++) {
-    const float* zq = sx[m] + nbp;
-#pragma GCC unroll 4
-    for (int n = 0; n < NR; n++) {
-      if (n >= nr) continue;
-      __m256 corr = _mm256_setzero_ps();
-      int64_t b = 0;
-      for (; b + 8 <= nb; b += 8) corr = _mm256_fmadd_ps(_mm256_loadu_ps(sc[n] + b), _mm256_loadu_ps(zq + b), corr);
-      float c = hsum8(corr);
-      for (; b < nb; b++) c += sc[n][b] * zq[b];
-      y[m * ldy + n] = hsum8(acc[m][n]) - c;
-    }
-  }
+  int_tile_store(acc, sx, sc, nbp, nb, y, ldy, MR, NR, nr);
 }
 
 AVX2 static void gemm_i8(const uint8_t* px, int64_t m_rows, const MoeportWeights* w0, int64_t rows, float* y,
